@@ -1,0 +1,54 @@
+# cDDPM reproduction kit. Two commands for a newcomer: `make reproduce` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= quick
+JOBS ?= 1
+# CPU build that lies on these machines; GPU users override, e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.setup-done
+KERNEL := cddpm-uad
+
+.PHONY: setup reproduce smoke test test-fast lab bench clean-runs help
+
+help:
+	@echo "make reproduce [PROFILE=quick|smoke|paper] [JOBS=N]   run the whole paper (default: quick, embedded data)"
+	@echo "make test                                             full test suite (sets up .venv first)"
+	@echo "make lab                                              JupyterLab on notebooks/ with the kit's kernel"
+	@echo "make smoke                                            smoke profile end to end"
+	@echo "make bench                                            speed benchmarks -> BENCHMARKS.md"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	@# torch first, pinned, so nothing pulls a CUDA build; no torchvision (breaks this torch).
+	$(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cddpm-uad)" >/dev/null
+	@touch $(STAMP)
+
+reproduce: setup
+	$(VENV)/bin/cddpm-uad reproduce --profile $(PROFILE) -j $(JOBS)
+
+smoke: setup
+	$(VENV)/bin/cddpm-uad reproduce --profile smoke
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup
+	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m benchmarks.run_all
+
+clean-runs:
+	rm -rf runs/smoke
