@@ -1,0 +1,110 @@
+"""Command line: ``cddpm-uad reproduce | validate | score``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from . import paths
+from .config import ConfigError
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--set stage.param=value`` (value parsed as YAML) -> ``{stage: {param: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected STAGE.PARAM=VALUE, e.g. training.max_steps=200")
+        lhs, value = item.split("=", 1)
+        stage, param = lhs.split(".", 1)
+        out.setdefault(stage, {})[param] = yaml.safe_load(value)
+    return out
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineError, run_pipeline
+
+    try:
+        run_pipeline(args.profile, jobs=args.jobs, force=args.force or (), only=args.only,
+                     overrides=_parse_set(args.set or ()))
+    except (PipelineError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .manifests import load_manifest, validate_manifest
+
+    root = Path(args.root) if args.root else None
+    try:
+        df = load_manifest(args.manifest, root=root)
+    except (ValueError, FileNotFoundError, paths.SetupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problems = validate_manifest(df)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.manifest}:")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.manifest}: {len(df)} rows, all files present and consistent")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .scoring import ScoringError, score_scan
+
+    try:
+        out = score_scan(Path(args.scan), Path(args.checkpoint), Path(args.output), weighting=args.weighting,
+                         threshold=args.threshold, t_test=args.t_test, device=args.device,
+                         skull_stripped=args.skull_stripped)
+    except ScoringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, path in out.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cddpm-uad", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reproduce", help="run the paper's pipeline (papermill DAG) and build the report")
+    r.add_argument("--profile", default="quick", choices=paths.PROFILES)
+    r.add_argument("-j", "--jobs", type=int, default=1, help="independent runs (folds, models) in parallel")
+    r.add_argument("--force", action="append", metavar="STAGE", help="rerun STAGE even if up to date")
+    r.add_argument("--only", action="append", metavar="STAGE", help="run only these stages")
+    r.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a notebook parameter")
+    r.set_defaults(func=cmd_reproduce)
+
+    v = sub.add_parser("validate", help="check a manifest's files; lists all problems at once")
+    v.add_argument("manifest")
+    v.add_argument("--root", help="folder relative paths are resolved against (default: the manifest's folder)")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("score", help="anomaly map and segmentation of one scan with a trained model")
+    s.add_argument("scan", help="NIfTI scan (T1 or T2, raw or skull-stripped)")
+    s.add_argument("--checkpoint", required=True, help="best.pt written by the training stage")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--weighting", choices=("t1", "t2"), required=True, help="weighting of the scan")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="residual threshold (default: the one chosen on validation, from the run's results)")
+    s.add_argument("--t-test", type=int, nargs="+", default=None, help="diffusion t_test (several = ensemble)")
+    s.add_argument("--skull-stripped", action="store_true", help="the scan is already skull-stripped")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_score)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The papermill DAG that regenerates the paper: data → preprocessing → SSL → training → evaluation → report.
+
+Each node is one executed notebook (one per stage, per fold, per model) with parameters from the profile
+(``profiles/<stage>.yaml``) plus the node's own (model, weighting, fold). Executed copies go to
+``runs/<profile>/notebooks/``. A node whose executed notebook exists, finished, and ran with the same parameters
+(recorded in a ``.done.json`` beside it) is skipped, unless a dependency ran after it — so a rerun after an
+interruption continues where it stopped. A failing notebook stops the pipeline with its name, the cell and the
+error; its executed copy (with the traceback) stays for inspection and earlier results are kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from . import paths
+from .config import ConfigError, load_stage_profiles, profile_params
+from .datasets import model_id
+from .volumes import save_json
+
+KERNEL_NAME = os.environ.get("CDDPM_KERNEL", "cddpm-uad")
+
+#: stage name -> notebook file (stages run in this order)
+STAGE_NOTEBOOKS: dict[str, str] = {
+    "data": "00_data.ipynb",
+    "preprocessing": "01_preprocessing.ipynb",
+    "ssl": "02_ssl_pretraining.ipynb",
+    "training": "03_training.ipynb",
+    "reconstruction_quality": "04_reconstruction_quality.ipynb",
+    "domain_shift": "05_domain_shift.ipynb",
+    "segmentation": "06_segmentation.ipynb",
+    "postprocessing_ablation": "07_postprocessing_ablation.ipynb",
+}
+STAGES: tuple[str, ...] = (*STAGE_NOTEBOOKS, "report")
+
+
+class PipelineError(RuntimeError):
+    """A node failed; the message names the notebook, the cell and the error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One notebook run of the DAG."""
+
+    key: str  # unique, e.g. "training/cddpm-ssl_t2/fold0"
+    stage: str
+    notebook: str  # file name in notebooks/
+    parameters: dict[str, Any]
+    deps: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.key.replace("/", " ")
+
+    def output_path(self, profile: str) -> Path:
+        return paths.notebooks_out_dir(profile) / (self.key.replace("/", "__") + ".ipynb")
+
+    def params_hash(self) -> str:
+        blob = json.dumps({"notebook": self.notebook, "parameters": self.parameters}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the DAG from the profile
+
+
+def pipeline_settings(profile: str) -> dict[str, Any]:
+    """Which models, weightings and folds a profile runs (``profiles/pipeline.yaml``)."""
+    settings = profile_params("pipeline", profile)
+    required = {"models", "weightings", "folds", "ssl_models", "source"}
+    missing = required - set(settings)
+    if missing:
+        raise ConfigError(f"profiles/pipeline.yaml: profile {profile!r} lacks {sorted(missing)}")
+    return settings
+
+
+def _params(stage: str, profile: str, overrides: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    params = {"profile": profile, **profile_params(stage, profile), **extra}
+    params.update(overrides.get(stage, {}))
+    return params
+
+
+def build_dag(profile: str, overrides: dict[str, dict[str, Any]] | None = None) -> list[Node]:
+    """All nodes for ``profile`` in a valid execution order.
+
+    ``overrides``: ``{stage: {param: value}}`` applied on top of the profile (command line ``--set``).
+    """
+    overrides = overrides or {}
+    s = pipeline_settings(profile)
+    source = s["source"]
+    nodes: list[Node] = []
+    add = nodes.append
+    add(Node("data", "data", STAGE_NOTEBOOKS["data"], _params("data", profile, overrides, source=source)))
+    add(Node("preprocessing", "preprocessing", STAGE_NOTEBOOKS["preprocessing"],
+             _params("preprocessing", profile, overrides, source=source), ("data",)))
+    train_keys: list[str] = []
+    for w in s["weightings"]:
+        for k in s["folds"]:
+            ssl_key = ""
+            if s["ssl_models"]:
+                ssl_key = f"ssl/spark_{w}/fold{k}"
+                add(Node(ssl_key, "ssl", STAGE_NOTEBOOKS["ssl"],
+                         _params("ssl", profile, overrides, source=source, weighting=w, fold=k), ("preprocessing",)))
+            variants = [(m, False) for m in s["models"]] + [(m, True) for m in s["ssl_models"]]
+            for m, ssl in variants:
+                key = f"training/{model_id(m, w, ssl)}/fold{k}"
+                deps = ("preprocessing", ssl_key) if ssl else ("preprocessing",)
+                add(Node(key, "training", STAGE_NOTEBOOKS["training"],
+                         _params("training", profile, overrides, source=source, model=m, weighting=w,
+                                 fold=k, ssl=ssl), deps))
+                train_keys.append(key)
+    ssl_keys = [n.key for n in nodes if n.stage == "ssl"]
+    for stage in ("reconstruction_quality", "domain_shift", "segmentation"):
+        add(Node(stage, stage, STAGE_NOTEBOOKS[stage], _params(stage, profile, overrides, source=source),
+                 tuple(train_keys + ssl_keys)))
+    add(Node("postprocessing_ablation", "postprocessing_ablation", STAGE_NOTEBOOKS["postprocessing_ablation"],
+             _params("postprocessing_ablation", profile, overrides, source=source), ("segmentation",)))
+    return nodes
+
+
+def notebook_parameters(notebook: Path) -> dict[str, Any]:
+    """Names (and inferred defaults) of a notebook's ``parameters`` cell, via papermill's inspection."""
+    import papermill
+
+    return papermill.inspect_notebook(str(notebook))
+
+
+def check_parameters(nodes: Iterable[Node], notebooks_dir: Path) -> None:
+    """Every parameter passed to a notebook must exist in its ``parameters`` cell (papermill only warns)."""
+    cache: dict[str, set[str]] = {}
+    problems = []
+    for node in nodes:
+        if node.notebook not in cache:
+            path = notebooks_dir / node.notebook
+            if not path.exists():
+                raise PipelineError(f"notebook {path} does not exist (stage {node.stage!r})")
+            cache[node.notebook] = set(notebook_parameters(path))
+        unknown = sorted(set(node.parameters) - cache[node.notebook])
+        if unknown:
+            problems.append(f"{node.notebook}: unknown parameter(s) {unknown} (from stage {node.stage!r}); "
+                            f"the notebook accepts {sorted(cache[node.notebook])}")
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Skip-if-done bookkeeping
+
+
+def _done_path(node: Node, profile: str) -> Path:
+    return node.output_path(profile).with_suffix(".done.json")
+
+
+def done_record(node: Node, profile: str) -> dict[str, Any] | None:
+    path = _done_path(node, profile)
+    if not path.exists() or not node.output_path(profile).exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_up_to_date(node: Node, profile: str, finished: dict[str, float]) -> bool:
+    """Done with the same parameters and newer than every dependency's completion."""
+    rec = done_record(node, profile)
+    if rec is None or rec.get("params_hash") != node.params_hash():
+        return False
+    return all(finished.get(d, 0.0) <= rec.get("finished", 0.0) for d in node.deps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Execution
+
+
+def execute_node(node: Node, profile: str, notebooks_dir: Path, kernel_name: str = KERNEL_NAME) -> float:
+    """Run one notebook with papermill; returns wall seconds. Raises :class:`PipelineError` on failure."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out = node.output_path(profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _done_path(node, profile).unlink(missing_ok=True)
+    t0 = time.time()
+    try:
+        papermill.execute_notebook(
+            str(notebooks_dir / node.notebook), str(out), parameters=node.parameters, kernel_name=kernel_name,
+            cwd=str(notebooks_dir), progress_bar=False, log_output=False,
+        )
+    except PapermillExecutionError as exc:
+        raise PipelineError(
+            f"{node.notebook} ({node.label}) failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"executed copy with the traceback: {out}"
+        ) from None
+    except Exception as exc:
+        raise PipelineError(f"{node.notebook} ({node.label}) could not run: {type(exc).__name__}: {exc}") from exc
+    seconds = time.time() - t0
+    save_json({"params_hash": node.params_hash(), "parameters": node.parameters, "seconds": seconds,
+               "finished": time.time(), "notebook": node.notebook}, _done_path(node, profile))
+    return seconds
+
+
+def _select(nodes: Sequence[Node], only: Sequence[str] | None) -> list[Node]:
+    if not only:
+        return list(nodes)
+    unknown = sorted(set(only) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    return [n for n in nodes if n.stage in only]
+
+
+def run_pipeline(
+    profile: str,
+    *,
+    jobs: int = 1,
+    force: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    notebooks_dir: Path | None = None,
+    kernel_name: str = KERNEL_NAME,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or continue) the DAG of ``profile``; returns ``{key: {"status", "seconds"}}``.
+
+    ``force``: stages to rerun even when up to date (their dependants rerun too, being newer).
+    ``only``: restrict to these stages (their dependencies must already be done).
+    """
+    paths.check_profile(profile)
+    notebooks_dir = Path(notebooks_dir or paths.repo_root() / "notebooks")
+    for stage in force:
+        if stage not in STAGES:
+            raise ConfigError(f"--force: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    all_nodes = build_dag(profile, overrides)
+    check_parameters(all_nodes, notebooks_dir)
+    nodes = _select(all_nodes, only)
+    by_key = {n.key: n for n in all_nodes}
+    selected = {n.key for n in nodes}
+
+    finished: dict[str, float] = {}
+    for n in all_nodes:
+        rec = done_record(n, profile)
+        if rec is not None and n.stage not in force:
+            finished[n.key] = rec.get("finished", 0.0)
+    status: dict[str, dict[str, Any]] = {}
+    pending = [n for n in nodes]
+    todo = [n for n in pending if n.stage in force or not is_up_to_date(n, profile, finished)]
+    todo_keys = {n.key for n in todo}
+    for n in pending:
+        if n.key not in todo_keys:
+            status[n.key] = {"status": "skipped (up to date)", "seconds": 0.0}
+    # a node downstream of a node that will run must run as well
+    changed = True
+    while changed:
+        changed = False
+        for n in pending:
+            if n.key not in todo_keys and any(d in todo_keys for d in n.deps):
+                todo.append(n)
+                todo_keys.add(n.key)
+                status.pop(n.key, None)
+                changed = True
+    todo.sort(key=lambda n: [x.key for x in all_nodes].index(n.key))
+    for n in todo:
+        missing = [d for d in n.deps if d not in selected and d not in finished]
+        if missing:
+            raise PipelineError(f"{n.label} needs {missing} to have run first (run without --only, or run them)")
+
+    total = len(todo)
+    log(f"[pipeline] profile={profile}: {len(pending)} runs, {total} to execute, {len(pending) - total} up to date")
+    t_start = time.time()
+    done_count = 0
+    running: dict[Future, Node] = {}
+    remaining = list(todo)
+    durations: list[float] = []
+    failure: PipelineError | None = None
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while (remaining or running) and failure is None:
+            ready = [n for n in remaining if all(d not in todo_keys or d in finished for d in n.deps)
+                     and all(d not in [r.key for r in running.values()] for d in n.deps)]
+            while ready and len(running) < max(1, jobs):
+                node = ready.pop(0)
+                remaining.remove(node)
+                log(f"[pipeline] start  {node.label}")
+                running[pool.submit(execute_node, node, profile, notebooks_dir, kernel_name)] = node
+            if not running:
+                raise PipelineError("no runnable node left: dependency cycle or failed dependency")
+            finished_futures, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished_futures:
+                node = running.pop(fut)
+                try:
+                    seconds = fut.result()
+                except PipelineError as exc:
+                    status[node.key] = {"status": "failed", "seconds": 0.0, "error": str(exc)}
+                    failure = exc
+                    continue
+                done_count += 1
+                durations.append(seconds)
+                finished[node.key] = time.time()
+                status[node.key] = {"status": "ran", "seconds": seconds}
+                elapsed = time.time() - t_start
+                eta = (elapsed / done_count) * (total - done_count) / max(1, jobs) if done_count else 0
+                log(f"[pipeline] done   {node.label} in {seconds:.0f}s  ({done_count}/{total}, "
+                    f"elapsed {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left)")
+    _write_log(profile, status, all_nodes)
+    if failure is not None:
+        raise failure
+    if report and (only is None or "report" in only):
+        from .report import build_report
+
+        t0 = time.time()
+        path = build_report(profile)
+        status["report"] = {"status": "ran", "seconds": time.time() - t0}
+        _write_log(profile, status, all_nodes)
+        log(f"[pipeline] report {path}")
+    log(f"[pipeline] finished in {(time.time() - t_start) / 60:.1f} min")
+    return status
+
+
+def _write_log(profile: str, status: dict[str, dict[str, Any]], nodes: Sequence[Node]) -> None:
+    """``runs/<profile>/pipeline_log.json``: per node status, wall time, stage (read by the report)."""
+    path = paths.run_dir(profile) / "pipeline_log.json"
+    previous: dict[str, Any] = {}
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text()).get("nodes", {})
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    stage_of = {n.key: n.stage for n in nodes}
+    merged = dict(previous)
+    for key, st in status.items():
+        if st["status"].startswith("skipped") and key in previous:
+            continue
+        rec = done_record(next(n for n in nodes if n.key == key), profile) if key in stage_of else None
+        merged[key] = {**st, "stage": stage_of.get(key, key),
+                       "seconds": st["seconds"] or (rec or {}).get("seconds", 0.0)}
+    save_json({"profile": profile, "nodes": merged, "written": time.time()}, path)
+
+
+def stage_profiles_consistent() -> list[str]:
+    """Profile names missing from any stage's YAML (an empty list when every stage defines every profile)."""
+    problems = []
+    for stage in [*STAGE_NOTEBOOKS, "pipeline"]:
+        try:
+            defined = set(load_stage_profiles(stage))
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        for p in paths.PROFILES:
+            if p not in defined:
+                problems.append(f"profiles/{stage}.yaml lacks profile {p!r}")
+    return problems

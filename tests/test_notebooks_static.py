@@ -1,0 +1,78 @@
+"""Notebooks: numbered, committed without outputs, no logic, parameters cell first, config cell next."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from cddpm_lib.paths import repo_root
+from cddpm_lib.pipeline import STAGE_NOTEBOOKS
+
+NB_DIR = repo_root() / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def _src(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def test_every_stage_has_its_notebook():
+    assert sorted(p.name for p in NOTEBOOKS) == sorted(STAGE_NOTEBOOKS.values())
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    for i, cell in enumerate(_cells(path)):
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path.name} cell {i} has outputs"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_functions_or_classes(path):
+    for i, cell in enumerate(_cells(path)):
+        if cell["cell_type"] != "code":
+            continue
+        tree = ast.parse(_src(cell))
+        defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                                            ast.Lambda))]
+        assert not defs, f"{path.name} cell {i} defines logic; move it into cddpm_lib"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_title_parameters_and_config_cells(path):
+    cells = _cells(path)
+    assert cells[0]["cell_type"] == "markdown" and _src(cells[0]).lstrip().startswith("# ")
+    assert "§" in _src(cells[0]) or "section" in _src(cells[0]).lower(), "title cell must cite the paper section"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    params = code[0]
+    assert "parameters" in params.get("metadata", {}).get("tags", []), "first code cell must be tagged parameters"
+    tree = ast.parse(_src(params))
+    names = []
+    for node in tree.body:
+        assert isinstance(node, ast.Assign), f"parameters cell holds assignments only: {ast.dump(node)[:60]}"
+        ast.literal_eval(node.value)  # literals only
+        names += [t.id for t in node.targets]
+    assert "profile" in names and "source" in names
+    for line in _src(params).splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{path.name}: parameter line without a comment: {line!r}"
+    assert "from_namespace(globals())" in _src(code[1]) or "from_params(" in _src(code[1])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cells_stay_thin(path):
+    for i, cell in enumerate(_cells(path)):
+        if cell["cell_type"] != "code" or "parameters" in cell.get("metadata", {}).get("tags", []):
+            continue
+        tree = ast.parse(_src(cell))
+        loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While, ast.If, ast.Try, ast.With))]
+        assert not loops, f"{path.name} cell {i}: control flow belongs in cddpm_lib"
+        assert len(tree.body) <= 6, f"{path.name} cell {i}: {len(tree.body)} statements; keep cells to 1–3 calls"

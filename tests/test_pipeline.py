@@ -1,0 +1,116 @@
+"""pipeline: DAG construction, parameter checking, skip-if-done, failure reporting (fake notebooks)."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from cddpm_lib import pipeline
+from cddpm_lib.config import ConfigError
+
+SETTINGS = {"source": "synthetic", "weightings": ["t2"], "folds": [0], "models": ["ddpm"], "ssl_models": []}
+
+
+def _fake_notebook(path, params: dict, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "cddpm-uad", "display_name": "Python (cddpm-uad)", "language": "python"}
+    cell = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()))
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# fake"), cell, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture()
+def fake_env(tmp_path, monkeypatch):
+    """Fake notebooks for every stage that append their key to a log and can be told to fail."""
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    log = tmp_path / "log.txt"
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
+    stage_params = {s: {"steps": 1} for s in pipeline.STAGE_NOTEBOOKS}
+
+    def fake_profile_params(stage, profile):
+        return dict(SETTINGS) if stage == "pipeline" else dict(stage_params[stage])
+
+    monkeypatch.setattr(pipeline, "profile_params", fake_profile_params)
+    for stage, name in pipeline.STAGE_NOTEBOOKS.items():
+        params = {"profile": "smoke", "source": "synthetic", "steps": 1, "fail": False}
+        if stage in ("training", "ssl"):
+            params.update(model="ddpm", weighting="t2", fold=0, ssl=False)
+        body = (f"open({str(log)!r}, 'a').write('{stage}\\n')\n"
+                "if fail: raise ValueError('planted failure')")
+        _fake_notebook(nb_dir / name, params, body)
+    return nb_dir, log, stage_params
+
+
+def test_dag_quick_profile_shape():
+    nodes = pipeline.build_dag("quick")
+    keys = [n.key for n in nodes]
+    s = pipeline.pipeline_settings("quick")
+    n_train = len(s["weightings"]) * len(s["folds"]) * (len(s["models"]) + len(s["ssl_models"]))
+    assert sum(n.stage == "training" for n in nodes) == n_train
+    assert keys.index("data") < keys.index("preprocessing") < keys.index("segmentation")
+    cddpm_ssl = next(n for n in nodes if n.key == "training/cddpm-ssl_t2/fold0")
+    assert "ssl/spark_t2/fold0" in cddpm_ssl.deps and cddpm_ssl.parameters["ssl"] is True
+    # every dependency appears before its dependant
+    pos = {k: i for i, k in enumerate(keys)}
+    assert all(pos[d] < pos[n.key] for n in nodes for d in n.deps)
+
+
+def test_every_stage_defines_every_profile():
+    assert pipeline.stage_profiles_consistent() == []
+
+
+def test_profiles_match_notebook_parameters():
+    for profile in ("smoke", "quick", "paper"):
+        pipeline.check_parameters(pipeline.build_dag(profile), pipeline.paths.repo_root() / "notebooks")
+
+
+def test_unknown_parameter_is_an_error(fake_env):
+    nb_dir, _, stage_params = fake_env
+    stage_params["training"]["stpes"] = 3
+    with pytest.raises(ConfigError, match=r"03_training.ipynb: unknown parameter\(s\) \['stpes'\]"):
+        pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
+
+
+def test_runs_skips_and_forces(fake_env):
+    nb_dir, log, stage_params = fake_env
+    status = pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    assert all(v["status"] == "ran" for v in status.values())
+    first = log.read_text().split()
+    assert first[0] == "data" and len(first) == 7
+    # second run: everything up to date
+    status = pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    assert all(v["status"].startswith("skipped") for v in status.values())
+    assert len(log.read_text().split()) == 7
+    # forcing a stage reruns it and everything downstream of it
+    pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, force=["segmentation"], log=lambda m: None)
+    assert log.read_text().split()[7:] == ["segmentation", "postprocessing_ablation"]
+    # a changed parameter reruns that node (and its dependants)
+    stage_params["domain_shift"]["steps"] = 2
+    pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    assert log.read_text().split()[9:] == ["domain_shift"]
+    logged = json.loads((pipeline.paths.run_dir("smoke") / "pipeline_log.json").read_text())
+    assert logged["nodes"]["training/ddpm_t2/fold0"]["stage"] == "training"
+
+
+def test_failure_names_notebook_and_resumes(fake_env):
+    nb_dir, log, stage_params = fake_env
+    stage_params["training"]["fail"] = True
+    with pytest.raises(pipeline.PipelineError, match=r"03_training.ipynb .*failed in cell .*planted failure"):
+        pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    out = pipeline.paths.notebooks_out_dir("smoke") / "training__ddpm_t2__fold0.ipynb"
+    assert out.exists() and "planted failure" in out.read_text()
+    assert log.read_text().split() == ["data", "preprocessing", "training"]
+    # fixed: the rerun continues after the completed stages
+    stage_params["training"]["fail"] = False
+    pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    assert log.read_text().split()[3:5] == ["training", "reconstruction_quality"]
+
+
+def test_unknown_force_stage(fake_env):
+    nb_dir, _, _ = fake_env
+    with pytest.raises(ConfigError, match="unknown stage 'trianing'"):
+        pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, force=["trianing"], report=False)

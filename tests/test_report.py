@@ -1,0 +1,74 @@
+"""report: HTML built from what the stages wrote, parsed back."""
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from cddpm_lib import paths, report
+from cddpm_lib.volumes import save_figure
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells, self.imgs, self.links, self.h = [], [], [], []
+        self._in = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a["src"])
+        if tag == "a":
+            self.links.append(a.get("href"))
+        self._in = tag
+
+    def handle_data(self, data):
+        if self._in in ("td", "th"):
+            self.cells.append(data.strip())
+        if self._in in ("h1", "h2", "h3"):
+            self.h.append(data.strip())
+
+
+def parse(path):
+    p = _Collect()
+    p.feed(path.read_text())
+    return p
+
+
+def test_report_shows_results_figures_and_times(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
+    res = paths.results_dir("smoke")
+    res.mkdir(parents=True)
+    pd.DataFrame({"model": ["cDDPM"], "BraTS21 DICE": [51.234], "paper BraTS21 DICE": [51.34]}).to_csv(
+        res / "table3.csv", index=False)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    save_figure(fig, paths.figures_dir("smoke") / "fig5_dice_vs_t")
+    plt.close(fig)
+    info = paths.source_dir("synthetic", "smoke") / "data_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"source": "synthetic", "manifest": "generated"}))
+    (paths.run_dir("smoke") / "pipeline_log.json").write_text(json.dumps(
+        {"nodes": {"data": {"stage": "data", "seconds": 3.0, "status": "ran"},
+                   "training/ddpm_t2/fold0": {"stage": "training", "seconds": 60.0, "status": "ran"}}}))
+    out = report.build_report("smoke")
+    parsed = parse(out)
+    assert "51.23" in parsed.cells and "51.34" in parsed.cells
+    assert "../figures/fig5_dice_vs_t.png" in parsed.imgs
+    assert any(h.startswith("Table 3") for h in parsed.h)
+    assert "training" in parsed.cells and "60.0" in parsed.cells
+    assert "synthetic" in out.read_text()
+
+
+def test_report_without_results_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
+    text = report.build_report("smoke").read_text()
+    assert "No results were written yet" in text and "data stage not run" in text

@@ -1,0 +1,73 @@
+"""volumes: NIfTI round trips, checks, atomic writes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cddpm_lib import volumes
+from cddpm_lib.volumes import VolumeError
+
+
+def test_nifti_roundtrip_keeps_affine(tmp_path):
+    arr = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    aff[:3, 3] = [-10, 4, 7]
+    p = volumes.save_nifti(arr, aff, tmp_path / "a" / "x.nii.gz")
+    back, aff2 = volumes.load_nifti(p)
+    np.testing.assert_allclose(back, arr)
+    np.testing.assert_allclose(aff2, aff)
+
+
+def test_labels_saved_as_uint8(tmp_path):
+    p = volumes.save_nifti(np.ones((2, 2, 2)), np.eye(4), tmp_path / "m.nii.gz", dtype=np.uint8)
+    import nibabel as nib
+
+    assert nib.load(str(p)).get_data_dtype() == np.uint8
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(VolumeError, match="does not exist"):
+        volumes.load_nifti(tmp_path / "none.nii.gz")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(VolumeError, match="bad.nii.gz: cannot be read"):
+        volumes.load_nifti(bad)
+    with pytest.raises(VolumeError, match="3D"):
+        volumes.save_nifti(np.zeros((2, 2)), np.eye(4), tmp_path / "y.nii.gz")
+    with pytest.raises(VolumeError, match="non-finite"):
+        volumes.save_nifti(np.full((2, 2, 2), np.nan), np.eye(4), tmp_path / "z.nii.gz")
+
+
+def test_four_d_rejected(tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 3), np.float32), np.eye(4)), str(tmp_path / "f.nii.gz"))
+    with pytest.raises(VolumeError, match="expected a 3D volume"):
+        volumes.load_nifti(tmp_path / "f.nii.gz")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with volumes.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_npz_and_json(tmp_path):
+    volumes.save_npz(tmp_path / "a.npz", x=np.arange(3))
+    assert volumes.load_npz(tmp_path / "a.npz")["x"].tolist() == [0, 1, 2]
+    volumes.save_json({"b": 1}, tmp_path / "a.json")
+    assert (tmp_path / "a.json").read_text().strip().startswith("{")
+
+
+def test_slices_roundtrip():
+    vol = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    s = volumes.volume_to_slices(vol)
+    assert s.shape == (4, 2, 3)
+    np.testing.assert_array_equal(s[1], vol[:, :, 1])
+    np.testing.assert_array_equal(volumes.slices_to_volume(s), vol)
+    np.testing.assert_array_equal(volumes.slices_to_volume(s[:, None]), vol)
