@@ -1,0 +1,219 @@
+"""Gaussian diffusion with an ``x0``-predicting network (paper §3.1), for DDPM, pDDPM and cDDPM.
+
+``GaussianDiffusion(schedule, noise_fn)`` holds the forward process; the network is injected at call time as a
+*denoiser* ``denoise(x_t, t, cond) -> x̂0`` (``x_t: [N, C, H, W]``, ``t: [N]`` int64, ``cond: [N, ...] | None``),
+so one process serves the plain and the conditioned U-Net.
+
+Math (paper §3.1; Ho et al. 2020):
+
+- schedule ``β_1..β_T``, ``α_t = 1 − β_t``, ``ᾱ_t = Π_{s≤t} α_s``, ``ᾱ_0 = 1`` (t = 0: no noise);
+- forward process ``q(x_t | x0) = N(√ᾱ_t x0, (1 − ᾱ_t) I)``, i.e. :meth:`GaussianDiffusion.q_sample`
+  ``x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε`` with ε the structured simplex noise of §4.4 (or Gaussian);
+- training: ``t ~ U{1, …, T}`` per sample, the network predicts ``x0`` directly, ``L_rec = |x0 − x̂0|``;
+- test (§3.1): one forward pass from ``x_{t_test}``; a sequence of ``t_test`` is the ensemble of Graham et al.:
+  the mean of the reconstructions at each ``t_test`` (paper: [250, 500, 750]).
+- optional iterative sampling on the same schedule with the x0-parameterisation: DDPM ancestral steps from the
+  posterior ``q(x_{t−1} | x_t, x̂0)`` (Ho et al. eq. 6–7) or deterministic DDIM steps (Song et al. 2021, eq. 12,
+  η = 0); used to generate from pure noise (``t = T``) in the conditioning experiment (Fig. 2).
+
+Schedules: ``cosine`` (Nichol & Dhariwal 2021, eq. 17, s = 0.008, β clipped at 0.999; the authors' code) and
+``linear`` (Ho et al.: β from 1e-4 to 0.02, rescaled by 1000 / T).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .noise import GaussianNoise, NoiseFn
+
+Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear β schedule of Ho et al. (2020), rescaled to ``T`` steps (β ≤ 0.999 for very short chains) -> ``[T]``."""
+    scale = 1000 / T
+    return torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64).clamp(max=0.999)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): ``ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)`` -> β ``[T]``."""
+    steps = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def make_betas(schedule: str, T: int) -> Tensor:
+    """β_1..β_T of the named schedule (``cosine`` or ``linear``)."""
+    if T < 1:
+        raise ValueError(f"diffusion: T must be >= 1, got {T}")
+    if schedule == "cosine":
+        return cosine_betas(T)
+    if schedule == "linear":
+        return linear_betas(T)
+    raise ValueError(f"unknown noise schedule {schedule!r}; use 'cosine' or 'linear'")
+
+
+def _as_timesteps(t_test: int | Sequence[int], T: int) -> list[int]:
+    ts = [int(t_test)] if isinstance(t_test, (int, float)) else [int(t) for t in t_test]
+    if not ts or any(not 0 <= t <= T for t in ts):
+        raise ValueError(f"t_test must be one or more integers in [0, {T}], got {t_test!r}")
+    return ts
+
+
+def _extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``values[t]`` shaped ``[N, 1, 1, 1]`` to broadcast against ``like`` ([N, C, H, W])."""
+    return values.to(like.device)[t].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class GaussianDiffusion(nn.Module):
+    """Forward process, training loss and reconstruction of paper §3.1 for an injected ``x0``-denoiser."""
+
+    def __init__(self, betas: Tensor, noise_fn: NoiseFn | None = None) -> None:
+        super().__init__()
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or (betas <= 0).any() or (betas >= 1).any():
+            raise ValueError("GaussianDiffusion: betas must be a 1D tensor with values in (0, 1)")
+        self.T = int(betas.numel())
+        self.noise_fn: NoiseFn = noise_fn if noise_fn is not None else GaussianNoise()
+        alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+        # index t = 0..T; betas padded with β_0 = 0 so that index t is step t
+        self.register_buffer("betas", torch.cat([torch.zeros(1, dtype=torch.float64), betas]), persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        # square roots in float64 before casting: 1 − ᾱ_t is tiny at small t
+        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt(), persistent=False)
+
+    @classmethod
+    def from_schedule(cls, schedule: str = "cosine", T: int = 1000, noise_fn: NoiseFn | None = None
+                      ) -> "GaussianDiffusion":
+        return cls(make_betas(schedule, T), noise_fn)
+
+    # --- forward process ------------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> Tensor:
+        """``t ~ U{1, …, T}`` (paper §3.1), ``[n]`` int64."""
+        src = generator.device if generator is not None else device
+        return torch.randint(1, self.T + 1, (n,), generator=generator, device=src).to(device)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε`` (paper §3.1); ``x0, noise: [N, C, H, W]``, ``t: [N]`` in 0..T."""
+        return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.noise_fn(x.shape, generator=generator, device=x.device).to(x.dtype)
+
+    # --- training -------------------------------------------------------------------------------------
+    def training_loss(self, denoise: Denoiser, x0: Tensor, cond: Tensor | None = None, mask: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """``L_rec = |x0 − x̂0(x_t, t)|`` with ``t ~ U{1..T}`` per sample (paper §3.1).
+
+        ``mask`` ([N, 1|C, H, W]): mean over the mask's pixels only (``None``: over all pixels).
+        """
+        t = self.sample_timesteps(x0.shape[0], generator, x0.device)
+        x_t = self.q_sample(x0, t, self.noise_like(x0, generator))
+        return l1_loss(denoise(x_t, t, cond), x0, mask)
+
+    # --- one-step reconstruction (paper §3.1) ---------------------------------------------------------
+    def predict_x0(self, denoise: Denoiser, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
+                   max_batch: int | None = None) -> Tensor:
+        """``x̂0 = denoise(x_t, t, cond)`` in chunks of at most ``max_batch`` samples (same result as one pass)."""
+        n = x_t.shape[0]
+        step = n if not max_batch else int(max_batch)
+        if step < 1:
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        outs = [denoise(x_t[i:i + step], t[i:i + step], None if cond is None else cond[i:i + step])
+                for i in range(0, n, step)]
+        return torch.cat(outs) if outs else x_t.clone()
+
+    def reconstruct(self, denoise: Denoiser, x0: Tensor, t_test: int | Sequence[int] = 500,
+                    cond: Tensor | None = None, max_batch: int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Pseudo-healthy reconstruction (paper §3.1): noise ``x0`` to each ``t_test``, predict ``x̂0`` in one pass,
+        average over the ``t_test`` (ensemble). ``x0: [B, C, H, W]``, ``cond: [B, ...]`` -> ``[B, C, H, W]``.
+
+        All slices × time steps go through the network in batches of at most ``max_batch``; the noise of every
+        (t, slice) pair is drawn before batching, so ``max_batch`` does not change the result.
+        """
+        ts = _as_timesteps(t_test, self.T)
+        b = x0.shape[0]
+        t = torch.tensor(ts, device=x0.device).repeat_interleave(b)          # [len(ts) · B], t-major
+        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))
+        noise = torch.cat([self.noise_like(x0, generator) for _ in ts])
+        cond_rep = None if cond is None else cond.repeat(len(ts), *([1] * (cond.ndim - 1)))
+        x_hat = self.predict_x0(denoise, self.q_sample(x0_rep, t, noise), t, cond_rep, max_batch)
+        return x_hat.reshape(len(ts), *x0.shape).mean(0)
+
+    # --- iterative sampling ---------------------------------------------------------------------------
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``q(x_{t−1} | x_t, x0)`` (Ho et al. 2020, eq. 6–7), ``t ≥ 1``."""
+        beta, abar, abar_prev = self.betas[t], self.alphas_cumprod[t], self.alphas_cumprod[t - 1]   # float64
+        coef_x0 = beta * abar_prev.sqrt() / (1 - abar)
+        coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
+        var = beta * (1 - abar_prev) / (1 - abar)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        mean = (coef_x0.to(x_t.dtype).reshape(shape) * x0 + coef_xt.to(x_t.dtype).reshape(shape) * x_t)
+        return mean, var.to(x_t.dtype).reshape(shape)
+
+    @torch.no_grad()
+    def sample(self, denoise: Denoiser, shape: Sequence[int], cond: Tensor | None = None,
+               x_start: Tensor | None = None, t_start: int | None = None, method: str = "ddim",
+               steps: int | None = 50, clip: tuple[float, float] | None = (0.0, 1.0),
+               generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+        """Iterative generation from ``x_{t_start}`` down to ``x0`` (``[B, C, H, W]``).
+
+        ``x_start=None``: start from pure noise (``t_start = T``); else ``x_{t_start} = q_sample(x_start, t_start)``.
+        ``method="ddpm"``: ancestral sampling over every step; ``"ddim"``: deterministic DDIM (η = 0) over
+        ``steps`` evenly spaced steps. ``clip`` clamps ``x̂0`` at each step (images in [0, 1]).
+        """
+        t_start = self.T if t_start is None else int(t_start)
+        _as_timesteps(t_start, self.T)
+        if x_start is not None:
+            device = x_start.device
+            x = self.q_sample(x_start, torch.full((x_start.shape[0],), t_start, device=device),
+                              self.noise_like(x_start, generator))
+        else:
+            x = self.noise_fn(shape, generator=generator, device=device)
+            x = x * self.sqrt_one_minus_alphas_cumprod[t_start].to(x.dtype)
+        if method == "ddpm":
+            schedule = list(range(t_start, 0, -1))
+        elif method == "ddim":
+            n = min(steps or t_start, t_start)
+            schedule = sorted({int(round(v)) for v in torch.linspace(t_start, 1, max(n, 1)).tolist()}, reverse=True)
+        else:
+            raise ValueError(f"sample: method must be 'ddpm' or 'ddim', got {method!r}")
+        schedule = schedule + [0]
+        for t_now, t_next in zip(schedule[:-1], schedule[1:]):
+            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
+            x0_hat = denoise(x, t, cond)
+            if clip is not None:
+                x0_hat = x0_hat.clamp(*clip)
+            if t_next == 0:
+                x = x0_hat
+            elif method == "ddpm":
+                mean, var = self.q_posterior_mean_variance(x0_hat, x, t)
+                x = mean + var.sqrt() * self.noise_like(x, generator)
+            else:
+                x = self.ddim_step(x, x0_hat, t_now, t_next)
+        return x
+
+    def ddim_step(self, x_t: Tensor, x0_hat: Tensor, t: int, s: int) -> Tensor:
+        """DDIM (η = 0, Song et al. 2021 eq. 12): ``x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) ε̂``, ``ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t)``."""
+        a_t, s_t = self.sqrt_alphas_cumprod[t].to(x_t.dtype), self.sqrt_one_minus_alphas_cumprod[t].to(x_t.dtype)
+        a_s, s_s = self.sqrt_alphas_cumprod[s].to(x_t.dtype), self.sqrt_one_minus_alphas_cumprod[s].to(x_t.dtype)
+        return a_s * x0_hat + s_s * (x_t - a_t * x0_hat) / s_t
+
+
+def l1_loss(x_hat: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``mean |x0 − x̂0|``, over the pixels where ``mask`` is 1 when a mask is given (paper §3.1, ``L_rec``)."""
+    err = (x_hat - x0).abs()
+    if mask is None:
+        return err.mean()
+    mask = mask.to(err.dtype).expand_as(err)
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+__all__ = ["GaussianDiffusion", "linear_betas", "cosine_betas", "make_betas", "l1_loss"]

@@ -1,0 +1,223 @@
+"""Noise of the forward diffusion process (paper §3.1, §4.4) and of the DAE baseline.
+
+- :class:`SimplexNoise` — structured multi-octave simplex noise of Wyatt et al. (AnoDDPM, 2022), which the paper
+  uses for DDPM, pDDPM and cDDPM (§4.4). The base noise is 2D *OpenSimplex* noise (K. Spencer's algorithm, the
+  one the authors' code and the ``opensimplex`` package implement), computed here for whole batches at once in
+  torch (CPU or GPU): :func:`opensimplex2d`.
+- :class:`GaussianNoise` — ``ε ~ N(0, I)`` of the standard DDPM (Ho et al. 2020).
+- :func:`coarse_noise` — low-resolution Gaussian noise for the DAE baseline (Kascenas et al. 2022).
+
+Octave convention. The authors call ``rand_3d_fixed_T_octaves(shape, T, octaves=6, persistence=0.8,
+frequency=64)``, which samples the noise at pixel coordinates divided by 64 and halves that divisor at each
+octave. Here ``frequency`` is the reciprocal (lattice units per pixel): octave ``k`` samples at
+``pixel · frequency · 2^k`` with amplitude ``persistence^k``, so ``frequency=1/64`` reproduces the authors'
+``frequency=64``. The authors evaluate a 3D noise at the fixed third coordinate ``t / 64``; a fixed-z slice of
+3D OpenSimplex noise and 2D OpenSimplex noise have the same character (smooth, isotropic, band-limited), and
+the kit uses the 2D noise.
+
+Differences to the authors' code (options): they draw one field and repeat it over the batch
+(``shared_across_batch=True`` reproduces that; default: an independent field per sample, from its own random
+permutation table and random offset), and they do not normalise (``normalize=True``, the default here, makes each
+field zero-mean with unit variance so that ``x_T`` has the variance the schedule assumes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: OpenSimplex 2D constants: skew onto the rhombic lattice and back, normalisation (K. Spencer)
+STRETCH_2D = (1 / math.sqrt(3) - 1) / 2
+SQUISH_2D = (math.sqrt(3) - 1) / 2
+NORM_2D = 47.0
+#: the 8 lattice gradients of 2D OpenSimplex (directions to the vertices of an octagon); row = (perm & 14) / 2
+GRADIENTS_2D = ((5, 2), (2, 5), (-5, 2), (-2, 5), (5, -2), (2, -5), (-5, -2), (-2, -5))
+#: the permutation table repeats every 256 lattice cells, so offsets beyond that add nothing
+LATTICE_PERIOD = 256
+
+
+class NoiseFn(Protocol):
+    """A noise generator: ``noise(shape, generator=None, device=None) -> ε`` of that shape (float32)."""
+
+    def __call__(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor: ...
+
+
+def _source_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
+    """Device on which random numbers are drawn: the generator's when given (results independent of ``device``)."""
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def random_permutations(n: int, generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+    """``n`` independent random permutations of ``0..255`` -> ``[n, 256]`` int64."""
+    keys = torch.rand(n, LATTICE_PERIOD, generator=generator, device=_source_device(generator, device))
+    return keys.argsort(dim=1).to(device if device is not None else keys.device)
+
+
+def _lattice_gradient_dot(perm: Tensor, xsv: Tensor, ysv: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """``g(xsv, ysv) · (dx, dy)`` with the gradient picked by hashing the lattice point through ``perm [B, 256]``."""
+    hx = perm.gather(1, xsv & 0xFF)
+    h = perm.gather(1, (hx + ysv) & 0xFF)
+    grads = torch.tensor(GRADIENTS_2D, dtype=dx.dtype, device=dx.device)
+    g = grads[(h & 0x0E) >> 1]
+    return g[..., 0] * dx + g[..., 1] * dy
+
+
+def opensimplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
+    """2D OpenSimplex noise at points ``(x, y)``, vectorised: ``x, y: [B, N]``, ``perm: [B, 256]`` -> ``[B, N]``.
+
+    Each point gets the contributions of four lattice vertices of the stretched (rhombic) grid — (1, 0), (0, 1),
+    the base vertex (0, 0) or (1, 1) of its triangle, and one extra vertex chosen by its position — each
+    ``max(0, 2 − |d|²)^4 · (g · d)`` with ``d`` the offset to the vertex, summed and divided by 47.
+    Values lie in about ``[−1, 1]``.
+    """
+    stretch = (x + y) * STRETCH_2D
+    xs, ys = x + stretch, y + stretch
+    xsb, ysb = torch.floor(xs), torch.floor(ys)
+    squish = (xsb + ysb) * SQUISH_2D
+    dx0, dy0 = x - (xsb + squish), y - (ysb + squish)
+    xins, yins = xs - xsb, ys - ysb
+    in_sum = xins + yins
+    lower = in_sum <= 1  # inside the triangle at (0, 0), else inside the one at (1, 1)
+    x_wins = xins > yins
+    one = torch.ones_like(x, dtype=torch.int64)
+    zero = torch.zeros_like(one)
+    # base vertex of the triangle
+    bi = torch.where(lower, zero, one)
+    # extra vertex: lower triangle -> (1,-1)/(-1,1) when (0,0) is among the two closest vertices, else (1,1);
+    # upper triangle -> (2,0)/(0,2) when (1,1) is among the two closest, else (0,0)
+    near_lo = ((1 - in_sum) > xins) | ((1 - in_sum) > yins)
+    near_hi = ((2 - in_sum) < xins) | ((2 - in_sum) < yins)
+    ei = torch.where(lower, torch.where(near_lo, torch.where(x_wins, one, -one), one),
+                     torch.where(near_hi, torch.where(x_wins, 2 * one, zero), zero))
+    ej = torch.where(lower, torch.where(near_lo, torch.where(x_wins, -one, one), one),
+                     torch.where(near_hi, torch.where(x_wins, zero, 2 * one), zero))
+    xsb_i, ysb_i = xsb.long(), ysb.long()
+    value = torch.zeros_like(x)
+    for i, j in ((one, zero), (zero, one), (bi, bi), (ei, ej)):
+        shift = (i + j).to(x.dtype) * SQUISH_2D
+        dx, dy = dx0 - i - shift, dy0 - j - shift
+        attn = (2 - dx * dx - dy * dy).clamp_min(0)
+        value = value + attn ** 4 * _lattice_gradient_dot(perm, xsb_i + i, ysb_i + j, dx, dy)
+    return value / NORM_2D
+
+
+def fractal_simplex(height: int, width: int, perm: Tensor, offset: Tensor, octaves: int = 6,
+                    persistence: float = 0.8, frequency: float = 1 / 64, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sum of ``octaves`` OpenSimplex layers (AnoDDPM): ``Σ_k persistence^k · n(pixel · frequency · 2^k + offset)``.
+
+    perm: [B, 256] permutation tables; offset: [B, 2] lattice offsets (x, y) -> [B, height, width].
+    Pixel ``(row, col)`` is sampled at ``(x, y) = (col, row)`` scaled, as in the authors' code.
+    """
+    device = perm.device
+    rows = torch.arange(height, device=device, dtype=dtype)
+    cols = torch.arange(width, device=device, dtype=dtype)
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+    xx, yy = xx.reshape(1, -1), yy.reshape(1, -1)
+    offset = offset.to(device=device, dtype=dtype)
+    noise = torch.zeros(perm.shape[0], height * width, device=device, dtype=dtype)
+    for k in range(octaves):
+        scale = frequency * 2 ** k
+        noise = noise + persistence ** k * opensimplex2d(xx * scale + offset[:, :1], yy * scale + offset[:, 1:], perm)
+    return noise.reshape(-1, height, width)
+
+
+def standardize_fields(noise: Tensor, eps: float = 1e-8) -> Tensor:
+    """Zero mean and unit variance per field over the last two axes (``[..., H, W]``)."""
+    mean = noise.mean(dim=(-2, -1), keepdim=True)
+    std = noise.std(dim=(-2, -1), keepdim=True)
+    return (noise - mean) / (std + eps)
+
+
+@dataclass(frozen=True)
+class SimplexNoise:
+    """Structured simplex noise of Wyatt et al. (AnoDDPM) for the diffusion forward process (paper §4.4).
+
+    Defaults: 6 octaves, persistence 0.8, ``frequency=1/64`` (the authors' ``frequency=64``, module docstring).
+    ``shared_across_batch``: one field repeated over the batch (authors) instead of one per sample.
+    ``normalize``: zero mean, unit variance per field (the authors did not normalise).
+    """
+
+    octaves: int = 6
+    persistence: float = 0.8
+    frequency: float = 1 / 64
+    normalize: bool = True
+    shared_across_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.octaves < 1 or self.frequency <= 0 or not 0 < self.persistence:
+            raise ValueError(f"SimplexNoise: need octaves >= 1, frequency > 0 and persistence > 0, got "
+                             f"{self.octaves}, {self.frequency}, {self.persistence}")
+
+    def __call__(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+        """ε of ``shape = [B, C, H, W]`` (float32); each of the ``B · C`` fields independent unless shared."""
+        *lead, height, width = (int(s) for s in shape)
+        n = math.prod(lead)
+        n_fields = 1 if self.shared_across_batch else n
+        src = _source_device(generator, device)
+        perm = random_permutations(n_fields, generator, src)
+        offset = torch.rand(n_fields, 2, generator=generator, device=src) * LATTICE_PERIOD
+        out_device = torch.device(device) if device is not None else src
+        noise = fractal_simplex(height, width, perm.to(out_device), offset.to(out_device), self.octaves,
+                                self.persistence, self.frequency)
+        if self.normalize:
+            noise = standardize_fields(noise)
+        if self.shared_across_batch:
+            noise = noise.expand(n, height, width)
+        return noise.reshape(*lead, height, width).contiguous()
+
+
+@dataclass(frozen=True)
+class GaussianNoise:
+    """``ε ~ N(0, I)`` (Ho et al. 2020)."""
+
+    def __call__(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+        src = _source_device(generator, device)
+        eps = torch.randn(*shape, generator=generator, device=src)
+        return eps.to(device) if device is not None else eps
+
+
+def make_noise(kind: str, image_size: Sequence[int] = (96, 96), octaves: int = 6, persistence: float = 0.8,
+               frequency: float | None = None, normalize: bool = True, shared_across_batch: bool = False) -> NoiseFn:
+    """Noise by name: ``simplex`` or ``gaussian``.
+
+    ``frequency=None`` scales the authors' 1/64 at 96 px to the image size (``1/64 · 96 / H``), so the noise keeps
+    its size relative to the anatomy when the kit's CPU profiles shrink the volumes (64 px, 32 px).
+    """
+    if kind == "gaussian":
+        return GaussianNoise()
+    if kind == "simplex":
+        if frequency is None:
+            frequency = (1 / 64) * 96 / float(image_size[0])
+        return SimplexNoise(octaves, persistence, frequency, normalize, shared_across_batch)
+    raise ValueError(f"unknown noise {kind!r}; use 'simplex' or 'gaussian'")
+
+
+def coarse_noise(shape: Sequence[int], mask: Tensor | None = None, resolution: Sequence[int] | None = None,
+                 std: float = 0.2, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Coarse Gaussian noise of the DAE baseline (Kascenas et al. 2022): ``[B, C, H, W]``.
+
+    ``N(0, std²)`` drawn on a ``resolution`` grid (default: 16×16 per 128 px, i.e. ``round(16 · H / 128)``),
+    bilinearly upsampled to ``H × W`` and, when ``mask`` (``[B, 1|C, H, W]``) is given, zeroed outside it.
+    """
+    b, c, h, w = (int(s) for s in shape)
+    if resolution is None:
+        resolution = (max(1, round(16 * h / 128)), max(1, round(16 * w / 128)))
+    src = _source_device(generator, device)
+    low = torch.randn(b, c, *resolution, generator=generator, device=src) * std
+    noise = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+    if device is not None:
+        noise = noise.to(device)
+    if mask is not None:
+        noise = noise * mask.to(noise.device, noise.dtype)
+    return noise

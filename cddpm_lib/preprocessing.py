@@ -1,0 +1,729 @@
+"""Pre-processing of raw brain MRIs into the kit's volumes (paper §4.2, after Baur et al. 2021).
+
+Per subject, in the paper's order:
+
+1. resample to isotropic ``spacing_mm`` (cubic B-spline; masks/segmentations nearest neighbour),
+2. affine registration to a template (Mattes mutual information, multi-resolution; default the MNI152 T1
+   shipped with nilearn, or a user template such as SRI24 given by path),
+3. skull stripping (deepbet by default, HD-BET when installed and selected, or the registered template's brain
+   mask as a cheap stand-in); inputs that come skull-stripped (``skull_stripped=1``) derive the mask from the image,
+4. crop of black borders to the brain's bounding box,
+5. N4 bias-field correction inside the brain mask (fitted on a shrunk image, applied at full resolution),
+6. pad/crop to a common size, downsample, drop axial slices (paper: 192×192×160 → 96×96×80 → 96×96×50) and
+   rescale intensities to [0, 1] from the 1st/99th percentile inside the brain mask (clipped, background 0),
+7. write t1/t2, brain mask and a binary segmentation (all labels > 0 fused) with their affines.
+
+Steps 1–2 are composed into a single resampling when writing: the isotropic image only serves the registration;
+the final volumes are interpolated once from the raw scan (sharper than resampling twice, same geometry).
+The registration uses a fixed-image mask (the template brain mask, dilated): the nilearn/SRI24 templates are
+brain-only, and without it mutual information can shrink a head with skull into the template's brain.
+One transform per subject is estimated on ``registration_weighting`` and applied to every weighting and mask.
+
+Real data (``$CDDPM_REAL_DATA``, manifests in ``data_manifests/``):
+
+* **IXI** — T1 and T2 of the same session from Guy's (``IXI…-Guys-…``), Hammersmith (``-HH-``) and IoP (``-IOP-``)
+  hospitals; T1 (sagittal) and T2 (axial) have different voxel grids but share world coordinates, so the transform
+  estimated on one applies to the other (up to patient motion between the sequences). Healthy: no ``seg``.
+* **BraTS21** — already skull-stripped and in SRI24 space at 1 mm; labels {1, 2, 4} are fused to one tumour mask;
+  skull stripping is skipped and the brain mask is ``image > 0`` (holes filled, largest component).
+* **MSLUB** — raw T1/T2/FLAIR with the three-rater *consensus* lesion segmentation as ``seg``; needs skull stripping.
+* **ATLAS v2** — T1 only, already in MNI152 space: registration to the default template converges near identity.
+* **WMH** — T1 (+FLAIR) from three sites (Utrecht, Singapore, Amsterdam); label 1 = WMH, label 2 = other
+  pathology; both are fused by the ``> 0`` rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .config import ConfigError, StageConfig
+from .volumes import VolumeError, load_nifti, save_dataframe, save_json, save_nifti
+
+MANIFEST_COLUMNS = ("dataset", "subject_id", "split", "fold", "t1", "t2", "brain_mask", "seg", "site",
+                    "skull_stripped", "healthy")
+WEIGHTINGS = ("t1", "t2")
+STEPS = ("load", "resample", "register", "warp", "skull_strip", "crop", "n4", "resize", "rescale", "write")
+_LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI/nibabel (RAS) <-> ITK (LPS)
+
+
+class PreprocessingError(RuntimeError):
+    """A subject failed, or subjects failed and failures are not allowed; the message names them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig(StageConfig):
+    """Stage ``preprocessing`` (notebook ``01_preprocessing.ipynb``); defaults are paper §4.2.
+
+    The final shape is ``pad_shape // downsample`` minus ``drop_slices`` axial slices (paper 96×96×50).
+    """
+
+    profile: str = "paper"
+    source: str = "real"
+    spacing_mm: float = 1.0  # isotropic working resolution, paper: 1 mm
+    template: str = "mni152"  # 'mni152' (nilearn, offline) or a NIfTI path (e.g. SRI24 T1)
+    template_mask: str = ""  # brain mask of a path template; empty: template > 0
+    registration_weighting: Literal["t1", "t2"] = "t1"  # transform estimated on this image when present
+    registration_shrink: tuple[int, ...] = (4, 2, 1)  # multi-resolution pyramid
+    registration_sampling: float = 0.05  # fraction of fixed voxels sampled by Mattes MI
+    registration_iterations: int = 200
+    registration_mask_dilation_mm: float = 6.0  # fixed-image mask = template brain mask dilated
+    max_scale: float = 1.5  # a transform scaling by more than this (or 1/this) counts as diverged
+    skull_strip: Literal["deepbet", "hdbet", "template"] = "deepbet"
+    deepbet_shape: int = 256  # deepbet's network input size (its default); 192 is 2x faster
+    n4_shrink: int = 4  # N4 fitted on the image shrunk by this factor
+    n4_iterations: tuple[int, ...] = (50, 50, 50, 50)  # per fitting level
+    pad_shape: tuple[int, int, int] = (192, 192, 160)  # common size at spacing_mm
+    downsample: int = 2  # paper: resolution reduced by a factor of two
+    drop_slices: tuple[int, int] = (15, 15)  # axial slices removed at the (bottom, top)
+    percentiles: tuple[float, float] = (1.0, 99.0)  # intensity rescaling inside the brain mask
+    weightings: tuple[str, ...] = ("t1", "t2")  # written when present in the raw manifest
+    min_brain_ml: float = 500.0  # a smaller brain mask is a failure ("empty mask")
+    n_jobs: int = 2  # parallel subject processes
+    allow_failures: bool = False  # notebook: raise when any subject failed unless True
+    montage_subjects: int = 3  # subjects shown before/after in the notebook
+
+    def validate(self) -> None:
+        if self.spacing_mm <= 0:
+            raise ConfigError(f"spacing_mm must be > 0, got {self.spacing_mm}")
+        if any(s % self.downsample for s in self.pad_shape):
+            raise ConfigError(f"pad_shape {self.pad_shape} must be divisible by downsample={self.downsample}")
+        if sum(self.drop_slices) >= self.pad_shape[2] // self.downsample:
+            raise ConfigError(f"drop_slices {self.drop_slices} removes every axial slice")
+        if not set(self.weightings) <= set(WEIGHTINGS) or not self.weightings:
+            raise ConfigError(f"weightings {self.weightings} must be a non-empty subset of {WEIGHTINGS}")
+        if not 0 < self.registration_sampling <= 1 or self.n4_shrink < 1 or self.n_jobs < 1:
+            raise ConfigError("registration_sampling in (0, 1], n4_shrink >= 1 and n_jobs >= 1 are required")
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ConfigError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        x, y, z = (s // self.downsample for s in self.pad_shape)
+        return x, y, z - sum(self.drop_slices)
+
+    def signature(self) -> str:
+        """Hash of the fields that change the outputs (resumed subjects must match it)."""
+        runtime = {"profile", "source", "n_jobs", "allow_failures", "montage_subjects"}
+        d = {k: v for k, v in self.to_dict().items() if k not in runtime}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- conversions
+
+
+def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """``array [X, Y, Z]`` with a RAS ``affine [4, 4]`` -> SimpleITK image (LPS geometry)."""
+    a = _LPS @ np.asarray(affine, float)[:3, :3]
+    spacing = np.linalg.norm(a, axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((a / spacing).flatten().tolist())
+    img.SetOrigin((_LPS @ np.asarray(affine, float)[:3, 3]).tolist())
+    return img
+
+
+def sitk_affine(img: sitk.Image) -> np.ndarray:
+    """RAS voxel-to-world affine ``[4, 4]`` of a SimpleITK image's grid."""
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ (np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing()))
+    affine[:3, 3] = _LPS @ np.asarray(img.GetOrigin())
+    return affine
+
+
+def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image -> ``(array [X, Y, Z], RAS affine [4, 4])``; inverse of :func:`to_sitk`."""
+    return np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)), sitk_affine(img)
+
+
+# --------------------------------------------------------------------------------- steps 1–2: resampling, template
+
+
+def resample_isotropic(image: sitk.Image, spacing_mm: float, *, label: bool = False) -> sitk.Image:
+    """Step 1 (§4.2): resample to ``spacing_mm`` isotropic, same field of view; B-spline, labels nearest."""
+    size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkBSpline
+    return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), (spacing_mm,) * 3,
+                         image.GetDirection(), 0.0, image.GetPixelID())
+
+
+@lru_cache(maxsize=4)
+def load_template(template: str = "mni152", template_mask: str = "") -> tuple[sitk.Image, sitk.Image]:
+    """Template T1 and its brain mask, reoriented to RAS so that the last array axis is axial.
+
+    ``"mni152"``: nilearn's MNI152 2009 T1 at 1 mm (brain only, ships with nilearn). A path (e.g. SRI24's
+    T1) uses ``template_mask`` when given, else ``template > 0`` (brain-only templates).
+    """
+    import nibabel as nib
+
+    if template == "mni152":
+        from nilearn import datasets
+
+        img, msk = datasets.load_mni152_template(resolution=1), datasets.load_mni152_brain_mask(resolution=1)
+    else:
+        if not Path(template).exists():
+            raise ConfigError(f"template {template!r} does not exist; give 'mni152' or a NIfTI path")
+        img = nib.load(template)
+        msk = nib.load(template_mask) if template_mask else nib.Nifti1Image(
+            (np.asanyarray(img.dataobj) > 0).astype(np.uint8), img.affine)
+    img, msk = nib.as_closest_canonical(img), nib.as_closest_canonical(msk)
+    t = to_sitk(np.asarray(img.dataobj, np.float32), img.affine)
+    m = to_sitk((np.asarray(msk.dataobj) > 0).astype(np.uint8), msk.affine)
+    return t, sitk.Resample(m, t, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
+@lru_cache(maxsize=4)
+def template_grid(template: str, template_mask: str, spacing_mm: float,
+                  dilation_mm: float) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """Template, brain mask and dilated registration mask on the template's field of view at ``spacing_mm``."""
+    t, m = load_template(template, template_mask)
+    if spacing_mm > min(t.GetSpacing()):
+        t = sitk.SmoothingRecursiveGaussian(t, 0.5 * spacing_mm)  # anti-aliasing before subsampling
+    fixed = resample_isotropic(t, spacing_mm)
+    grid = sitk.Resample(m, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    radius = max(1, int(round(dilation_mm / spacing_mm)))
+    return fixed, grid, sitk.BinaryDilate(grid, [radius] * 3)
+
+
+def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None, *,
+                    shrink: tuple[int, ...] = (4, 2, 1), sampling: float = 0.05, iterations: int = 200,
+                    seed: int = 0) -> tuple[sitk.Transform, float]:
+    """Step 2 (§4.2): affine registration with Mattes mutual information, multi-resolution.
+
+    Returns the transform mapping *fixed* (template) points to *moving* (subject) points — what
+    ``sitk.Resample(moving, fixed, transform)`` needs — and the final metric value (lower is better).
+    Initialised by matching image moments; pyramid ``shrink`` with Gaussian sigmas ``shrink / 2`` voxels.
+    """
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(sampling, seed)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(sitk.Cast(fixed_mask, sitk.sitkUInt8))
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
+                                                 relaxationFactor=0.5)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([s / 2 if s > 1 else 0 for s in shrink])
+    reg.SetInitialTransform(init, inPlace=False)
+    transform = reg.Execute(fixed, moving)
+    return transform, float(reg.GetMetricValue())
+
+
+def transform_scales(transform: sitk.Transform, center: tuple[float, float, float]) -> np.ndarray:
+    """Singular values of the transform's linear part (finite differences at ``center``): its scalings."""
+    c = np.asarray(center, float)
+    p0 = np.asarray(transform.TransformPoint(c.tolist()))
+    jac = np.stack([np.asarray(transform.TransformPoint((c + 10 * e).tolist())) - p0 for e in np.eye(3)]) / 10
+    return np.linalg.svd(jac, compute_uv=False)
+
+
+def warp(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *, label: bool = False) -> np.ndarray:
+    """Resample ``image`` onto ``reference`` through ``transform``; labels nearest neighbour (no blurred labels).
+
+    Returns ``[X, Y, Z]``; images are clipped at 0 (B-spline overshoot).
+    """
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkBSpline
+    pixel = sitk.sitkUInt8 if label else sitk.sitkFloat32
+    out = sitk.Resample(sitk.Cast(image, pixel), reference, transform, interp, 0.0, pixel)
+    arr = from_sitk(out)[0]
+    return arr if label else np.clip(arr, 0, None)
+
+
+# ------------------------------------------------------------------------------------------- step 3: skull stripping
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 26-connected component of a binary mask, holes filled."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    keep = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    return ndimage.binary_fill_holes(keep)
+
+
+def mask_from_image(image: np.ndarray, rel_threshold: float = 0.01) -> np.ndarray:
+    """Brain mask of an already skull-stripped image (BraTS): ``image > rel_threshold · p99``, largest component."""
+    fg = image[image > 0]
+    if fg.size == 0:
+        return np.zeros(image.shape, bool)
+    return largest_component(image > rel_threshold * np.percentile(fg, 99))
+
+
+@lru_cache(maxsize=1)
+def _deepbet_model():
+    import torch
+    from deepbet import BrainExtraction
+
+    return BrainExtraction(no_gpu=not torch.cuda.is_available())
+
+
+def deepbet_mask(image: np.ndarray, *, shape: int = 256, threshold: float = 0.5) -> np.ndarray:
+    """deepbet brain mask of a RAS-oriented head ``image [X, Y, Z]`` (any spacing).
+
+    deepbet finds the head's bounding box on a 128³ copy and segments that box resampled to ``shape``³, so it
+    does not depend on the input spacing: it runs directly on the 3 mm and 6 mm grids of the quick/smoke profiles
+    (Dice ≥ 0.97 against the MNI brain mask on template-derived heads; see ``benchmarks/results/preprocessing.md``).
+    """
+    bet = _deepbet_model()
+    prob = bet.run_model(np.ascontiguousarray(image, np.float32), shape=(shape,) * 3)
+    return np.asarray(bet.postprocess(prob > threshold), bool)
+
+
+def hdbet_mask(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """HD-BET (Isensee et al. 2019, the paper's choice) brain mask through its ``hd-bet`` command (CPU or GPU).
+
+    Supports the 1.x (``-mode fast -tta 0``, ``*_mask.nii.gz``) and 2.x (``--disable_tta --save_bet_mask``,
+    ``*_bet.nii.gz``) command lines. Raises :class:`PreprocessingError` when HD-BET is not installed.
+    """
+    exe = shutil.which("hd-bet")
+    if exe is None:
+        raise PreprocessingError("skull_strip='hdbet' but the hd-bet command is not installed "
+                                 "(pip install hd-bet, weights included); or use skull_strip='deepbet'")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    helptext = subprocess.run([exe, "-h"], capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.nii.gz", Path(tmp) / "out.nii.gz"
+        save_nifti(image.astype(np.float32), affine, src)
+        flags = (["--disable_tta", "--save_bet_mask"] if "--disable_tta" in helptext
+                 else ["-mode", "fast", "-tta", "0", "-s", "1"])
+        subprocess.run([exe, "-i", str(src), "-o", str(dst), "-device", device, *flags], check=True,
+                       capture_output=True)
+        found = sorted(p for p in Path(tmp).glob("out*") if p.name.endswith(("_mask.nii.gz", "_bet.nii.gz")))
+        if not found:
+            raise PreprocessingError(f"hd-bet wrote no mask in {tmp}: {sorted(os.listdir(tmp))}")
+        return load_nifti(found[0])[0] > 0.5
+
+
+# ------------------------------------------------------------------------------------- steps 4–6: crop, N4, resize
+
+
+def shift_affine(affine: np.ndarray, offset_vox) -> np.ndarray:
+    """Affine of a sub-grid starting at voxel ``offset_vox`` (may be negative = padding)."""
+    out = np.array(affine, float)
+    out[:3, 3] = affine[:3, :3] @ np.asarray(offset_vox, float) + affine[:3, 3]
+    return out
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """Step 4 (§4.2, "cut black borders"): the tight bounding box of a non-empty mask."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        raise PreprocessingError("cannot crop to an empty brain mask")
+    lo, hi = idx.min(0), idx.max(0) + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def n4_bias_correct(image: np.ndarray, mask: np.ndarray, spacing_mm: float, *, shrink: int = 4,
+                    iterations: tuple[int, ...] = (50, 50, 50, 50)) -> tuple[np.ndarray, np.ndarray]:
+    """Step 5 (§4.2): N4 bias-field correction inside ``mask``; returns ``(corrected, log_bias)`` ``[X, Y, Z]``.
+
+    The field is fitted on the image shrunk by ``shrink`` (capped so every axis keeps ≥ 8 voxels) and the log
+    bias field is reconstructed on the full-resolution grid: ``corrected = image / exp(log_bias)``.
+    """
+    fit_mask = (mask & (image > 0)).astype(np.uint8)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image.T, np.float32))
+    msk = sitk.GetImageFromArray(np.ascontiguousarray(fit_mask.T))
+    for im in (img, msk):
+        im.SetSpacing((spacing_mm,) * 3)
+    shrink = int(max(1, min(shrink, min(image.shape) // 8)))
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(iterations))
+    n4.Execute(sitk.Shrink(img, [shrink] * 3), sitk.Shrink(msk, [shrink] * 3))
+    log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).T
+    return (image / np.exp(log_bias)).astype(np.float32) * mask, log_bias
+
+
+def pad_or_crop(volume: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Step 6: centre ``volume`` in ``shape`` (zero padding or central crop per axis).
+
+    Returns the volume and the voxel offset of its first voxel in the input grid (for :func:`shift_affine`).
+    """
+    out = np.zeros(shape, volume.dtype)
+    offset, src, dst = [], [], []
+    for n, t in zip(volume.shape, shape):
+        start = (n - t) // 2  # > 0: crop, < 0: pad
+        offset.append(start)
+        src.append(slice(max(start, 0), max(start, 0) + min(n, t)))
+        dst.append(slice(max(-start, 0), max(-start, 0) + min(n, t)))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out, np.asarray(offset)
+
+
+def downsample_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Reduce resolution by ``factor`` with ``factor³`` block means (anti-aliased; paper: factor 2)."""
+    if factor == 1:
+        return volume.astype(np.float32)
+    x, y, z = (s // factor for s in volume.shape)
+    v = volume[: x * factor, : y * factor, : z * factor].astype(np.float32)
+    return v.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5))
+
+
+def downsample_affine(affine: np.ndarray, factor: int) -> np.ndarray:
+    """Affine of :func:`downsample_mean`'s output: voxels ``factor`` times larger, centred on each block."""
+    out = shift_affine(affine, [(factor - 1) / 2] * 3)
+    out[:3, :3] = affine[:3, :3] * factor
+    return out
+
+
+def rescale_percentiles(image: np.ndarray, mask: np.ndarray, percentiles=(1.0, 99.0)) -> tuple[np.ndarray, float, float]:
+    """Step 6 (end): map the ``percentiles`` inside ``mask`` to [0, 1], clip, zero outside the mask."""
+    values = image[mask]
+    if values.size == 0:
+        raise PreprocessingError("cannot rescale intensities: the brain mask is empty")
+    lo, hi = np.percentile(values, percentiles)
+    if not hi > lo:
+        raise PreprocessingError(f"cannot rescale intensities: percentiles {percentiles} are equal ({lo:g})")
+    return (np.clip((image - lo) / (hi - lo), 0, 1) * mask).astype(np.float32), float(lo), float(hi)
+
+
+def resize_to_output(volumes: dict[str, np.ndarray], affine: np.ndarray, cfg: PreprocessConfig):
+    """Step 6: pad/crop to ``cfg.pad_shape``, downsample, drop axial slices; labels re-binarised at 0.5.
+
+    ``volumes``: name -> ``[X, Y, Z]`` on one grid; names ``brain_mask``/``seg`` are labels. Returns
+    ``(volumes, affine)`` of shape ``cfg.output_shape``.
+    """
+    bottom, top = cfg.drop_slices
+    out = {}
+    for name, vol in volumes.items():
+        padded, offset = pad_or_crop(vol.astype(np.float32), cfg.pad_shape)
+        small = downsample_mean(padded, cfg.downsample)
+        small = small[:, :, bottom: small.shape[2] - top]
+        out[name] = (small >= 0.5).astype(np.uint8) if name in ("brain_mask", "seg") else small
+    aff = downsample_affine(shift_affine(affine, offset), cfg.downsample)
+    return out, shift_affine(aff, [0, 0, bottom])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two binary masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+# ------------------------------------------------------------------------------------------------- one subject
+
+
+class _Clock:
+    """Seconds per step; remembers the step running when an exception escapes."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.step = "setup"
+
+    def __call__(self, step: str) -> "_Clock":
+        self.step, self._t0 = step, time.perf_counter()
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.times[self.step] = time.perf_counter() - self._t0
+
+
+def _load_sitk(path: str, *, label: bool = False) -> sitk.Image:
+    arr, affine = load_nifti(path)
+    return to_sitk((arr > 0).astype(np.uint8) if label else arr.astype(np.float32), affine)
+
+
+def _brain_mask(image: np.ndarray, affine: np.ndarray, template_mask: sitk.Image, skull_stripped: bool,
+                cfg: PreprocessConfig) -> tuple[str, np.ndarray]:
+    """Step 3 on the registered head: ``(method, mask)``; already skull-stripped inputs use ``image > 0``."""
+    if skull_stripped:
+        return "image>0", mask_from_image(image)
+    if cfg.skull_strip == "template":
+        return "template", from_sitk(template_mask)[0] > 0
+    if cfg.skull_strip == "hdbet":
+        return "hdbet", hdbet_mask(image, affine)
+    return "deepbet", deepbet_mask(image, shape=cfg.deepbet_shape)
+
+
+def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc: dict, clock: _Clock) -> None:
+    present = [w for w in cfg.weightings if subject.get(w)]
+    if not present:
+        raise PreprocessingError(f"no image among weightings {cfg.weightings} in the manifest row")
+    ref = cfg.registration_weighting if cfg.registration_weighting in present else present[0]
+    qc["registration_weighting"] = ref
+    with clock("load"):
+        raw = {w: _load_sitk(subject[w]) for w in present}
+        labels = {k: _load_sitk(subject[k], label=True) for k in ("brain_mask", "seg") if subject.get(k)}
+    with clock("resample"):
+        iso = resample_isotropic(raw[ref], cfg.spacing_mm)
+        fixed, tmask, regmask = template_grid(cfg.template, cfg.template_mask, cfg.spacing_mm,
+                                              cfg.registration_mask_dilation_mm)
+    with clock("register"):
+        tx, metric = register_affine(fixed, iso, regmask, shrink=cfg.registration_shrink,
+                                     sampling=cfg.registration_sampling, iterations=cfg.registration_iterations)
+        center = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+        scales = transform_scales(tx, center)
+        qc.update(registration_metric=metric, registration_scale_min=scales.min(), registration_scale_max=scales.max())
+        if not np.isfinite(metric) or scales.max() > cfg.max_scale or scales.min() < 1 / cfg.max_scale:
+            raise PreprocessingError(f"registration diverged: scalings {np.round(scales, 3).tolist()} outside "
+                                     f"[1/{cfg.max_scale}, {cfg.max_scale}] (metric {metric:.3f})")
+    with clock("warp"):
+        images = {w: warp(raw[w], fixed, tx) for w in present}
+        labs = {k: warp(v, fixed, tx, label=True) > 0 for k, v in labels.items()}
+        affine = sitk_affine(fixed)
+    with clock("skull_strip"):
+        stripped = str(subject.get("skull_stripped", "0")).strip() in ("1", "1.0", "True", "true")
+        qc["skull_strip"], mask = _brain_mask(images[ref], affine, tmask, stripped, cfg)
+        qc["brain_ml"] = float(mask.sum() * cfg.spacing_mm ** 3 / 1000)
+        if qc["brain_ml"] < cfg.min_brain_ml:
+            raise PreprocessingError(f"brain mask empty or too small: {qc['brain_ml']:.0f} ml < "
+                                     f"min_brain_ml={cfg.min_brain_ml:g} ({qc['skull_strip']})")
+        qc["dice_vs_reference"] = dice(mask, labs["brain_mask"]) if "brain_mask" in labs else np.nan
+        images = {w: im * mask for w, im in images.items()}
+    with clock("crop"):
+        box = bounding_box(mask)
+        images = {w: im[box] for w, im in images.items()}
+        mask, seg = mask[box], (labs["seg"][box] if "seg" in labs else None)
+        affine = shift_affine(affine, [s.start for s in box])
+    with clock("n4"):
+        images = {w: n4_bias_correct(im, mask, cfg.spacing_mm, shrink=cfg.n4_shrink,
+                                     iterations=cfg.n4_iterations)[0] for w, im in images.items()}
+    with clock("resize"):
+        vols = {**images, "brain_mask": mask, **({"seg": seg} if seg is not None else {})}
+        vols, affine = resize_to_output(vols, affine, cfg)
+        final_mask = vols["brain_mask"].astype(bool)
+    with clock("rescale"):
+        for w in present:
+            vols[w], qc[f"{w}_p1"], qc[f"{w}_p99"] = rescale_percentiles(vols[w], final_mask, cfg.percentiles)
+    with clock("write"):
+        sub_dir = out_dir / str(subject["dataset"]) / str(subject["subject_id"])
+        for name, vol in vols.items():
+            label = name in ("brain_mask", "seg")
+            save_nifti(vol, affine, sub_dir / f"{name}.nii.gz", dtype=np.uint8 if label else np.float32)
+        qc["files"] = ",".join(vols)
+
+
+def preprocess_subject(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: str | os.PathLike) -> dict:
+    """Steps 1–7 for one subject (a raw manifest row with absolute paths); never raises.
+
+    Returns its QC row: ``status`` ok/failed, ``failure_step`` and ``failure_reason`` on failure, registration
+    metric and scalings, skull-stripping method, brain volume (ml), Dice against the raw brain mask when given,
+    the 1st/99th intensity percentiles of each weighting, ``time_<step>`` seconds. On success a ``qc.json``
+    beside the volumes (written last, atomically) marks the subject as done for resumed runs.
+    """
+    out_dir = Path(out_dir)
+    qc: dict[str, Any] = {"dataset": subject["dataset"], "subject_id": subject["subject_id"], "status": "failed",
+                          "failure_step": "", "failure_reason": "", "reused": False}
+    clock = _Clock()
+    try:
+        _run_steps(subject, cfg, out_dir, qc, clock)
+        qc["status"] = "ok"
+    except Exception as exc:  # reported per subject; the others go on
+        qc["failure_step"], qc["failure_reason"] = clock.step, f"{type(exc).__name__}: {exc}".strip()
+        qc["traceback"] = traceback.format_exc(limit=3)
+    qc.update({f"time_{k}": v for k, v in clock.times.items()}, time_total=sum(clock.times.values()))
+    if qc["status"] == "ok":
+        save_json({"signature": cfg.signature(), "qc": qc},
+                  out_dir / str(subject["dataset"]) / str(subject["subject_id"]) / "qc.json")
+    return qc
+
+
+# ---------------------------------------------------------------------------------------------- whole manifest
+
+
+def read_raw_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Raw manifest CSV (schema in ``docs/ARCHITECTURE.md``) with image paths made absolute (relative ones are
+    resolved against the manifest's folder). Missing columns are an error naming them."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"raw manifest {path} does not exist; run the data stage (00_data.ipynb) first")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")
+    for col in ("t1", "t2", "brain_mask", "seg"):
+        df[col] = [str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v for v in df[col]]
+    return df
+
+
+def _done_qc(subject: dict, cfg: PreprocessConfig, out_dir: Path) -> dict | None:
+    """QC row of a subject whose outputs exist, load as the expected shape and match ``cfg``; else None."""
+    import nibabel as nib
+
+    sub_dir = out_dir / str(subject["dataset"]) / str(subject["subject_id"])
+    try:
+        rec = json.loads((sub_dir / "qc.json").read_text())
+        files = rec["qc"]["files"].split(",")
+        ok = rec["signature"] == cfg.signature() and rec["qc"]["status"] == "ok" and all(
+            nib.load(str(sub_dir / f"{f}.nii.gz")).shape == cfg.output_shape for f in files)
+    except (OSError, ValueError, KeyError, nib.filebasedimages.ImageFileError):
+        return None
+    return {**rec["qc"], "reused": True} if ok else None
+
+
+def _init_worker(threads: int) -> None:
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_all(todo: list[dict], cfg: PreprocessConfig, out_dir: Path, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="preprocessing", unit="subject", disable=not progress or not todo)
+    rows = []
+    if cfg.n_jobs == 1 or len(todo) <= 1:
+        for subject in todo:
+            rows.append(preprocess_subject(subject, cfg, out_dir))
+            bar.update()
+        return rows
+    threads = max(1, (os.cpu_count() or 1) // cfg.n_jobs)
+    with ProcessPoolExecutor(cfg.n_jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(preprocess_subject, s, cfg, out_dir): s for s in todo}
+        for fut in as_completed(futures):
+            s = futures[fut]
+            try:
+                rows.append(fut.result())
+            except Exception as exc:  # the worker process died (e.g. out of memory)
+                rows.append({"dataset": s["dataset"], "subject_id": s["subject_id"], "status": "failed",
+                             "failure_step": "worker", "failure_reason": f"{type(exc).__name__}: {exc}"})
+            bar.update()
+    bar.close()
+    return rows
+
+
+def preprocess_manifest(cfg: PreprocessConfig, raw_manifest: str | os.PathLike | pd.DataFrame,
+                        out_dir: str | os.PathLike, manifest_path: str | os.PathLike | None = None, *,
+                        progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pre-process every subject of ``raw_manifest`` into ``out_dir/<dataset>/<subject>/``.
+
+    Subjects run in ``cfg.n_jobs`` processes; subjects whose valid outputs exist (same config) are reused, so an
+    interrupted run resumes. Failing subjects are reported in the QC table and left out of the manifest.
+    Writes ``manifest_path`` (default ``out_dir/../preprocessed_manifest.csv``; same rows, splits and folds,
+    paths relative to its folder) and ``preprocessing_qc.csv`` beside it.
+
+    Returns ``(manifest with absolute paths, qc)``.
+    """
+    out_dir = Path(out_dir)
+    raw = raw_manifest.copy() if isinstance(raw_manifest, pd.DataFrame) else read_raw_manifest(raw_manifest)
+    manifest_path = Path(manifest_path) if manifest_path else out_dir.parent / "preprocessed_manifest.csv"
+    subjects = raw.drop_duplicates(["dataset", "subject_id"]).to_dict("records")
+    done = {(s["dataset"], s["subject_id"]): _done_qc(s, cfg, out_dir) for s in subjects}
+    todo = [s for s in subjects if done[(s["dataset"], s["subject_id"])] is None]
+    new = {(r["dataset"], r["subject_id"]): r for r in _run_all(todo, cfg, out_dir, progress)}
+    qc = pd.DataFrame([done[k] or new[k] for k in ((s["dataset"], s["subject_id"]) for s in subjects)])
+    qc = qc.drop(columns=["traceback"], errors="ignore")
+    ok = qc.loc[qc["status"] == "ok"].set_index(["dataset", "subject_id"])["files"]
+    rows = []
+    for row in raw.to_dict("records"):
+        key = (row["dataset"], row["subject_id"])
+        if key not in ok.index:
+            continue
+        files = ok[key].split(",")
+        sub_dir = out_dir / str(row["dataset"]) / str(row["subject_id"])
+        for col in ("t1", "t2", "brain_mask", "seg"):
+            row[col] = str(sub_dir / f"{col}.nii.gz") if col in files else ""
+        rows.append({**row, "skull_stripped": "1"})
+    manifest = pd.DataFrame(rows, columns=list(raw.columns))
+    rel = manifest.copy()
+    for col in ("t1", "t2", "brain_mask", "seg"):
+        rel[col] = [os.path.relpath(v, manifest_path.parent) if v else "" for v in rel[col]]
+    save_dataframe(rel, manifest_path)
+    save_dataframe(qc, manifest_path.parent / "preprocessing_qc.csv")
+    return manifest, qc
+
+
+# --------------------------------------------------------------------------------------------- QC and figures
+
+
+def failure_summary(qc: pd.DataFrame) -> pd.DataFrame:
+    """Failed subjects with the step that failed and why (empty when all succeeded)."""
+    cols = ["dataset", "subject_id", "failure_step", "failure_reason"]
+    return qc.loc[qc["status"] != "ok", cols].reset_index(drop=True)
+
+
+def check_failures(qc: pd.DataFrame, allow_failures: bool = False) -> None:
+    """Raise :class:`PreprocessingError` listing failed subjects unless ``allow_failures``."""
+    failed = failure_summary(qc)
+    if len(failed) and not allow_failures:
+        lines = [f"  {r.dataset}/{r.subject_id} at {r.failure_step}: {r.failure_reason}" for r in failed.itertuples()]
+        raise PreprocessingError(f"{len(failed)} of {len(qc)} subject(s) failed (set allow_failures=True to go "
+                                 "on without them):\n" + "\n".join(lines))
+
+
+def qc_summary(qc: pd.DataFrame) -> pd.DataFrame:
+    """Per data set: subjects, failures, skull-stripping method, median brain volume, Dice and seconds."""
+    q = qc.assign(ok=qc["status"] == "ok")
+    for col in ("brain_ml", "dice_vs_reference", "time_total", "skull_strip"):
+        q[col] = q[col] if col in q else np.nan
+    return q.groupby("dataset").agg(subjects=("subject_id", "size"), failed=("ok", lambda s: int((~s).sum())),
+                                    skull_strip=("skull_strip", lambda s: ",".join(sorted(set(s.dropna())))),
+                                    brain_ml=("brain_ml", "median"), dice=("dice_vs_reference", "median"),
+                                    seconds=("time_total", "median"))
+
+
+def plot_timings(qc: pd.DataFrame):
+    """Box plot of seconds per subject for each step (freshly processed subjects only)."""
+    import matplotlib.pyplot as plt
+
+    q = qc.loc[(qc["status"] == "ok") & ~qc["reused"].astype(bool)]
+    steps = [s for s in STEPS if f"time_{s}" in q]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.boxplot([q[f"time_{s}"].to_numpy(float) for s in steps], showfliers=True)
+    ax.set_xticks(range(1, len(steps) + 1), steps, rotation=30)
+    ax.set_ylabel("seconds / subject")
+    ax.set_title(f"pre-processing time per step ({len(q)} subjects processed in this run)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_before_after(raw: pd.DataFrame, manifest: pd.DataFrame, n_subjects: int = 3, weighting: str = "t1"):
+    """Mid axial slice of the raw scan next to the pre-processed axial and coronal slices (mask and lesion
+    outlines in cyan and red), for up to ``n_subjects`` subjects, lesion subjects first."""
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    rows = manifest.loc[manifest[weighting] != ""].drop_duplicates(["dataset", "subject_id"])
+    rows = rows.assign(_les=rows["seg"] == "").sort_values("_les", kind="stable").head(n_subjects)
+    raw_path = {(d, s): p for d, s, p in zip(raw["dataset"], raw["subject_id"], raw[weighting])}
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * max(1, len(rows))), squeeze=False)
+    for ax_row, r in zip(axes, rows.itertuples()):
+        arr = np.asarray(nib.as_closest_canonical(nib.load(raw_path[(r.dataset, r.subject_id)])).dataobj, np.float32)
+        img, mask = load_nifti(getattr(r, weighting))[0], load_nifti(r.brain_mask)[0]
+        seg = load_nifti(r.seg)[0] if r.seg else np.zeros_like(mask)
+        z = int(np.argmax(seg.sum((0, 1)))) if seg.any() else img.shape[2] // 2
+        y = int(np.argmax(seg.sum((0, 2)))) if seg.any() else img.shape[1] // 2
+        ax_row[0].imshow(np.rot90(arr[:, :, arr.shape[2] // 2]), cmap="gray")
+        ax_row[0].set_title(f"{r.dataset}/{r.subject_id} raw {arr.shape}", fontsize=8)
+        for ax, sl in ((ax_row[1], np.s_[:, :, z]), (ax_row[2], np.s_[:, y, :])):
+            ax.imshow(np.rot90(img[sl]), cmap="gray", vmin=0, vmax=1)
+            ax.contour(np.rot90(mask[sl]), levels=[0.5], colors="c", linewidths=0.6)
+            if seg[sl].any():
+                ax.contour(np.rot90(seg[sl]), levels=[0.5], colors="r", linewidths=0.6)
+        ax_row[1].set_title(f"pre-processed axial {img.shape}", fontsize=8)
+        ax_row[2].set_title("pre-processed coronal", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,235 @@
+"""Volume → pseudo-healthy reconstruction and residual map, and the saved evaluation sets (paper §3.1, §4.2).
+
+The 2D models see a volume ``[X, Y, Z]`` as its axial slices ``[Z, 1, X, Y]`` (``volumes.volume_to_slices``) and
+reconstruct all of them (paper §4.4: "iterating over all slices to reconstruct the full volume at test time").
+The residual is ``R = |x − x̂|`` (paper §4.3); models that override ``anomaly_map`` (Thresh) supply it directly.
+
+Variants name how a diffusion model is run at test time (paper §3.1, §4.4) and become the ``<variant>`` folder of
+``paths.recon_dir``:
+
+- ``"t500"`` (any ``t<int>``): one step from ``x_{t_test}`` -> ``{"t_test": 500}``;
+- ``"ens"``: the mean of the reconstructions at ``t_test = [250, 500, 750]`` -> ``{"t_test": [250, 500, 750]}``;
+- ``"default"``: non-diffusion models, no test-time arguments -> ``{}``.
+
+:func:`reconstruct_dataset` writes one compressed ``<subject_id>.npz`` per volume holding ``image, recon, anomaly,
+brain_mask, seg, affine`` (float32 volumes ``[X, Y, Z]``, uint8 masks) plus ``seconds`` (model time of that volume).
+Existing valid files are kept (the stage resumes after an interruption). Diffusion reconstructions draw their noise
+from a CPU ``torch.Generator`` seeded per subject, so a volume's result does not depend on the device, the order
+of the volumes or ``max_batch``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .models.base import UADModel
+from .volumes import VolumeError, load_nifti, load_npz, save_npz, slices_to_volume, volume_to_slices
+
+#: paper §4.4: the ensemble of test-time noise levels ("ENS")
+ENSEMBLE_T_TEST: tuple[int, ...] = (250, 500, 750)
+#: arrays every saved reconstruction holds
+NPZ_KEYS: tuple[str, ...] = ("image", "recon", "anomaly", "brain_mask", "seg", "affine")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Variants
+
+
+def variant_kwargs(variant: str) -> dict[str, Any]:
+    """Test-time keyword arguments of a variant: ``"t500"`` -> ``{"t_test": 500}``, ``"ens"`` ->
+    ``{"t_test": [250, 500, 750]}``, ``"default"`` -> ``{}`` (non-diffusion models)."""
+    if variant == "default":
+        return {}
+    if variant == "ens":
+        return {"t_test": list(ENSEMBLE_T_TEST)}
+    if variant.startswith("t") and variant[1:].isdigit() and int(variant[1:]) > 0:
+        return {"t_test": int(variant[1:])}
+    raise ValueError(f"unknown variant {variant!r}: use 't<t_test>' (e.g. 't500'), 'ens' or 'default'")
+
+
+def variant_name(model: str, ens: bool = False, t_test: int = 500) -> str:
+    """Variant of a Table 3 row: ``default`` for non-diffusion models, else ``ens`` or ``t<t_test>``."""
+    if model not in ("ddpm", "pddpm", "cddpm"):
+        return "default"
+    return "ens" if ens else f"t{int(t_test)}"
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether callable ``fn`` names ``name`` as an explicit parameter."""
+    return name in inspect.signature(fn).parameters
+
+
+def subject_seed(seed: int, subject_id: str) -> int:
+    """Deterministic per-volume seed from the run seed and the subject id (CRC32)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(str(subject_id).encode())) % 2**63
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One volume
+
+
+def _model_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarray, *,
+                       device: torch.device | str | None = None, max_batch: int = 64, seed: int | None = None,
+                       **recon_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Reconstruct all axial slices of one volume.
+
+    image, brain_mask: ``[X, Y, Z]`` (intensities in [0, 1]; mask in {0, 1}).
+    ``recon_kwargs``: test-time arguments (``variant_kwargs``), e.g. ``t_test``; only models whose ``reconstruct``
+    names them may receive them. Diffusion models get ``max_batch`` (their own batching, result unchanged) and a
+    CPU generator seeded with ``seed``; other models see chunks of at most ``max_batch`` slices, or the whole
+    volume when ``model.needs_whole_volume`` (SVAE, Thresh with equalisation).
+    Returns ``(recon, anomaly)``, both float32 ``[X, Y, Z]``; ``anomaly = |x − x̂|`` unless the model overrides
+    ``anomaly_map``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    brain_mask = np.asarray(brain_mask)
+    if image.ndim != 3 or image.shape != brain_mask.shape:
+        raise ValueError(f"reconstruct_volume: image {image.shape} and brain mask {brain_mask.shape} must be "
+                         "equal-shaped [X, Y, Z] volumes")
+    if max_batch < 1:
+        raise ValueError(f"reconstruct_volume: max_batch must be >= 1, got {max_batch}")
+    for name in recon_kwargs:
+        if not _accepts(model.reconstruct, name):
+            raise TypeError(f"reconstruct_volume: model {model.name!r} does not take {name!r} at test time; "
+                            f"use variant 'default' for it")
+    dev = _model_device(model, device)
+    x = torch.from_numpy(volume_to_slices(image))[:, None].to(dev)                    # [Z, 1, X, Y]
+    m = torch.from_numpy(volume_to_slices((brain_mask > 0).astype(np.float32)))[:, None].to(dev)
+    kwargs = dict(recon_kwargs)
+    if _accepts(model.reconstruct, "max_batch"):
+        kwargs["max_batch"] = int(max_batch)
+    if seed is not None and _accepts(model.reconstruct, "generator"):
+        kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+    chunk = x.shape[0] if (model.needs_whole_volume or "max_batch" in kwargs) else int(max_batch)
+    own_map = type(model).anomaly_map is not UADModel.anomaly_map
+    recons, anomalies = [], []
+    for i in range(0, x.shape[0], chunk):
+        xi, mi = x[i:i + chunk], m[i:i + chunk]
+        rec = model.reconstruct(xi, mi, **kwargs)
+        if rec.shape != xi.shape:
+            raise ValueError(f"reconstruct_volume: {model.name}.reconstruct returned {tuple(rec.shape)} for "
+                             f"input {tuple(xi.shape)}")
+        recons.append(rec.float().cpu())
+        anomalies.append((model.anomaly_map(xi, mi, **kwargs) if own_map else (xi - rec).abs()).float().cpu())
+    recon = slices_to_volume(torch.cat(recons).numpy()).astype(np.float32)
+    anomaly = slices_to_volume(torch.cat(anomalies).numpy()).astype(np.float32)
+    return recon, anomaly
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A whole evaluation set
+
+
+def is_valid_recon(path: str | Path) -> bool:
+    """True when ``path`` is a readable npz with every key of :data:`NPZ_KEYS` and equal-shaped volumes."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        arrays = load_npz(path)
+    except VolumeError:
+        return False
+    if any(k not in arrays for k in NPZ_KEYS):
+        return False
+    shape = arrays["image"].shape
+    return len(shape) == 3 and all(arrays[k].shape == shape for k in ("recon", "anomaly", "brain_mask", "seg"))
+
+
+def load_recon(path: str | Path) -> dict[str, np.ndarray]:
+    """Arrays of one saved reconstruction; a clear error when the file is not one."""
+    if not is_valid_recon(path):
+        raise VolumeError(f"{path}: not a valid reconstruction file (expected keys {list(NPZ_KEYS)} with "
+                          "equal-shaped [X, Y, Z] volumes); delete it and rerun the segmentation stage")
+    return load_npz(path)
+
+
+def _load_row(row: pd.Series, weighting: str) -> dict[str, np.ndarray]:
+    """Image, brain mask, segmentation (zeros if none) and affine of one manifest row."""
+    for col in (weighting, "brain_mask"):
+        if not str(row.get(col, "")):
+            raise ValueError(f"manifest row {row.get('dataset')}/{row.get('subject_id')}: no {col!r} file")
+    image, affine = load_nifti(row[weighting])
+    mask, _ = load_nifti(row["brain_mask"], dtype=np.uint8)
+    seg_path = str(row.get("seg", "") or "")
+    seg = load_nifti(seg_path, dtype=np.float32)[0] if seg_path else np.zeros(image.shape, np.float32)
+    if not image.shape == mask.shape == seg.shape:
+        raise VolumeError(f"{row[weighting]}: image {image.shape}, mask {mask.shape} and segmentation "
+                          f"{seg.shape} differ in shape")
+    return {"image": image.astype(np.float32), "brain_mask": (mask > 0).astype(np.uint8),
+            "seg": (seg > 0).astype(np.uint8), "affine": affine}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out_dir: str | Path, *,
+                        device: torch.device | str | None = None, max_batch: int = 64, overwrite: bool = False,
+                        seed: int = 0, log=None, **recon_kwargs: Any) -> pd.DataFrame:
+    """Reconstruct every volume of ``rows`` (manifest rows, absolute paths) into ``out_dir/<subject_id>.npz``.
+
+    Returns one row per volume: ``subject_id, dataset, npz, seconds, reused`` where ``seconds`` is the model's
+    wall time for that volume (CUDA synchronised; read back from the file when it is ``reused``).
+    """
+    if weighting not in rows.columns:
+        raise ValueError(f"reconstruct_dataset: the manifest rows have no {weighting!r} column")
+    out_dir = Path(out_dir)
+    dev = _model_device(model, device)
+    model.to(dev).eval()
+    records = []
+    for _, row in rows.iterrows():
+        sid = str(row["subject_id"])
+        path = out_dir / f"{sid}.npz"
+        if not overwrite and is_valid_recon(path):
+            stored = load_npz(path).get("seconds", np.array(np.nan))
+            records.append({"subject_id": sid, "dataset": row["dataset"], "npz": str(path),
+                            "seconds": float(stored), "reused": True})
+            continue
+        vol = _load_row(row, weighting)
+        _sync(dev)
+        t0 = time.perf_counter()
+        recon, anomaly = reconstruct_volume(model, vol["image"], vol["brain_mask"], device=dev, max_batch=max_batch,
+                                            seed=subject_seed(seed, sid), **recon_kwargs)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+        save_npz(path, image=vol["image"], recon=recon, anomaly=anomaly, brain_mask=vol["brain_mask"],
+                 seg=vol["seg"], affine=vol["affine"], seconds=np.array(seconds))
+        records.append({"subject_id": sid, "dataset": row["dataset"], "npz": str(path), "seconds": seconds,
+                        "reused": False})
+        if log is not None:
+            log(f"[reconstruct] {row['dataset']}/{sid}: {seconds:.2f}s -> {path}")
+    return pd.DataFrame(records, columns=["subject_id", "dataset", "npz", "seconds", "reused"])
+
+
+def time_volumes(model: UADModel, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
+                 device: torch.device | str | None = None, max_batch: int = 64, warmup: int = 1,
+                 **recon_kwargs: Any) -> list[float]:
+    """Wall seconds of :func:`reconstruct_volume` per volume after ``warmup`` untimed runs (inference time, §5.4)."""
+    dev = _model_device(model, device)
+    model.to(dev).eval()
+    for i in range(min(warmup, len(images))):
+        reconstruct_volume(model, images[i], masks[i], device=dev, max_batch=max_batch, seed=i, **recon_kwargs)
+    out = []
+    for i, (img, msk) in enumerate(zip(images, masks)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        reconstruct_volume(model, img, msk, device=dev, max_batch=max_batch, seed=i, **recon_kwargs)
+        _sync(dev)
+        out.append(time.perf_counter() - t0)
+    return out

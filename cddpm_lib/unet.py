@@ -1,0 +1,252 @@
+"""ADM-style denoising U-Net (Dhariwal & Nichol 2021) with the FiLM conditioning of cDDPM (paper §3.2).
+
+One network serves DDPM, pDDPM and cDDPM (and, without any embedding, the DAE baseline):
+
+- **time** (paper §3.1/§3.2): ``t -> sinusoidal embedding -> MLP I -> c_t ∈ R^d``;
+- **context** (paper §3.2): ``c = F_enc(x0) ∈ R^d`` from :class:`cddpm_lib.encoder.ResNetEncoder`;
+  ``c' = concat(c, c_t) ∈ R^{2d}``;
+- **FiLM** in *every* residual block of level ``i``: ``MLP II: c' -> (γ, β) ∈ R^{2·C_i}`` and
+  ``f' = GroupNorm(f) · (γ + 1) + β`` (``use_scale_shift_norm=True``, ADM's scale-shift norm, which is exactly
+  the paper's ``f' = f ∗ (γ + 1) + β`` applied to the normalised features of the block).
+
+Choices where the paper is silent (documented, all parameters):
+
+- MLP II is one per residual block (ADM's ``emb_layers``: SiLU -> Linear), so every block of a level has its own
+  projection of ``c'``; the paper's "at each feature level i ... in each residual block" admits this reading.
+- Without conditioning (plain DDPM) ``d = 4 · model_channels`` as in ADM; with conditioning ``d = cond_dim``
+  (paper: 128; the authors' code effectively 512).
+- ``use_scale_shift_norm=False`` adds a projection of the embedding to the features instead (ADM's other mode).
+- Attention: ``attention_levels`` (0 = full resolution) in the encoder and decoder paths, plus ``mid_attention``
+  in the middle block (the authors' configuration: middle block only).
+- GroupNorm uses up to 32 groups, fewer when a width is not divisible (tiny test widths).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count ``<= max_groups`` that divides ``channels``."""
+    groups = min(max_groups, channels)
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero the parameters of ``module`` (ADM: residual branches start as identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of time steps (Vaswani et al.; Ho et al. 2020), ``t: [B] -> [B, dim]``.
+
+    ``emb[:, k] = cos(t · ω_k)`` for ``k < dim/2`` and ``sin(t · ω_k)`` after, ``ω_k = max_period^(−k/(dim/2))``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def film(f: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """FiLM of paper §3.2: ``f' = f · (γ + 1) + β``; ``f: [B, C, H, W]``, ``γ, β: [B, C]``."""
+    return f * (gamma[:, :, None, None] + 1) + beta[:, :, None, None]
+
+
+class Resample(nn.Module):
+    """×2 nearest-neighbour upsampling or ×2 average-pool downsampling (``mode`` = ``up``/``down``/``none``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        if mode not in ("up", "down", "none"):
+            raise ValueError(f"Resample: mode must be 'up', 'down' or 'none', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "up":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.mode == "down":
+            return F.avg_pool2d(x, 2)
+        return x
+
+
+class ResBlock(nn.Module):
+    """Residual block (paper Fig. 1): Norm, SiLU, conv1, FiLM(γ, β from MLP II), SiLU, dropout, conv2; skip.
+
+    ``resample`` = ``up``/``down`` makes it ADM's residual up-/down-sampling block. ``emb_dim=None``: no embedding.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None, dropout: float = 0.0,
+                 use_scale_shift_norm: bool = True, resample: str = "none") -> None:
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_norm = group_norm(in_ch)
+        self.resample = Resample(resample)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        #: MLP II of paper §3.2: c' -> (γ, β) ∈ R^{2·C_i}
+        self.emb_proj = None
+        if emb_dim is not None:
+            self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if use_scale_shift_norm else out_ch))
+        self.out_norm = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        h = F.silu(self.in_norm(x))
+        h = self.conv1(self.resample(h))
+        x = self.resample(x)
+        h = self.out_norm(h)
+        if self.emb_proj is not None:
+            if emb is None:
+                raise ValueError("ResBlock: this block is conditioned but no embedding was given")
+            e = self.emb_proj(emb)
+            if self.use_scale_shift_norm:
+                gamma, beta = e.chunk(2, dim=1)
+                h = film(h, gamma, beta)
+            else:
+                h = h + e[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map (ADM), residual, zero-initialised output."""
+
+    def __init__(self, channels: int, num_heads: int = 4) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"AttentionBlock: {channels} channels are not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
+        q, k, v = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = out.transpose(-1, -2).reshape(b, c, h * w)
+        return x + self.proj(out).reshape(b, c, h, w)
+
+
+class Level(nn.Module):
+    """Residual block optionally followed by attention (one entry of the encoder/decoder paths)."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn if attn is not None else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor | None) -> Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class UNet(nn.Module):
+    """ADM-style U-Net (Dhariwal & Nichol) for 2D slices; one network for DDPM, pDDPM and cDDPM.
+
+    Paper §4.4: ``model_channels=128, channel_mult=(1, 2, 2)`` (widths 128, 256, 256); the authors' code adds
+    ``num_res_blocks=3``, attention only in the middle block, scale-shift norm and residual up/down-sampling.
+    ``use_time=False, cond_dim=None`` gives a plain U-Net (DAE baseline).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, model_channels: int = 128,
+                 channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 3,
+                 attention_levels: Sequence[int] = (), mid_attention: bool = True, num_heads: int = 4,
+                 dropout: float = 0.0, use_scale_shift_norm: bool = True, resblock_updown: bool = True,
+                 use_time: bool = True, cond_dim: int | None = None) -> None:
+        super().__init__()
+        if num_res_blocks < 1 or not channel_mult:
+            raise ValueError(f"UNet: need num_res_blocks >= 1 and a non-empty channel_mult, "
+                             f"got {num_res_blocks}, {tuple(channel_mult)}")
+        bad = [lv for lv in attention_levels if not 0 <= lv < len(channel_mult)]
+        if bad:
+            raise ValueError(f"UNet: attention_levels {bad} outside 0..{len(channel_mult) - 1}")
+        self.use_time, self.cond_dim = use_time, cond_dim
+        self.model_channels = model_channels
+        self.num_levels = len(channel_mult)
+        # MLP I of paper §3.2: sinusoidal(t) -> c_t ∈ R^d
+        time_dim = cond_dim if cond_dim is not None else 4 * model_channels
+        self.time_mlp = None
+        if use_time:
+            self.time_mlp = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        emb_dim = (time_dim if use_time else 0) + (cond_dim or 0)
+        emb = emb_dim or None
+
+        def res(cin: int, cout: int, resample: str = "none") -> ResBlock:
+            return ResBlock(cin, cout, emb, dropout, use_scale_shift_norm, resample)
+
+        def attn(ch: int, level: int) -> AttentionBlock | None:
+            return AttentionBlock(ch, num_heads) if level in attention_levels else None
+
+        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chs, ch = [model_channels], model_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(Level(res(ch, mult * model_channels), attn(mult * model_channels, level)))
+                ch = mult * model_channels
+                skip_chs.append(ch)
+            if level < self.num_levels - 1:
+                self.down.append(res(ch, ch, "down") if resblock_updown else nn.Conv2d(ch, ch, 3, 2, 1))
+                skip_chs.append(ch)
+        self.mid = nn.ModuleList([res(ch, ch), AttentionBlock(ch, num_heads) if mid_attention else nn.Identity(),
+                                  res(ch, ch)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                self.up.append(Level(res(ch + skip_chs.pop(), mult * model_channels), attn(mult * model_channels, level)))
+                ch = mult * model_channels
+                if level > 0 and i == num_res_blocks:
+                    self.up.append(res(ch, ch, "up") if resblock_updown else
+                                   nn.Sequential(Resample("up"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def embedding(self, batch: int, t: Tensor | None, cond: Tensor | None) -> Tensor | None:
+        """``c' = concat(c, c_t)`` of paper §3.2 (``[B, 2d]``); ``c_t`` alone without encoder; ``None`` without both."""
+        parts = []
+        if self.cond_dim is not None:
+            if cond is None or cond.shape != (batch, self.cond_dim):
+                raise ValueError(f"UNet: expected cond of shape [{batch}, {self.cond_dim}], "
+                                 f"got {None if cond is None else tuple(cond.shape)}")
+            parts.append(cond)
+        elif cond is not None:
+            raise ValueError("UNet: cond given but the network was built with cond_dim=None")
+        if self.time_mlp is not None:
+            if t is None or t.shape != (batch,):
+                raise ValueError(f"UNet: expected t of shape [{batch}], got {None if t is None else tuple(t.shape)}")
+            parts.append(self.time_mlp(timestep_embedding(t, self.model_channels)))
+        return torch.cat(parts, dim=1) if parts else None
+
+    def forward(self, x: Tensor, t: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        """x: [B, C_in, H, W]; t: [B] int64 time steps (required iff use_time); cond: [B, cond_dim] conditioning
+        vector c from the encoder (required iff cond_dim is not None) -> [B, C_out, H, W]"""
+        factor = 2 ** (self.num_levels - 1)
+        if x.ndim != 4 or x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"UNet: input must be [B, C, H, W] with H and W divisible by {factor}, "
+                             f"got {tuple(x.shape)}")
+        emb = self.embedding(x.shape[0], t, cond)
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb) if isinstance(block, (Level, ResBlock)) else block(h)
+            skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for block in self.up:
+            if isinstance(block, Level):
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = block(h, emb) if isinstance(block, ResBlock) else block(h)
+        return self.out(h)

@@ -1,0 +1,106 @@
+"""ADM U-Net with FiLM conditioning (paper §3.2): shapes, embeddings, FiLM identity, input checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cddpm_lib.unet import AttentionBlock, ResBlock, UNet, film, group_norm, timestep_embedding
+
+TINY = dict(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=2)
+
+
+def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give the zero-initialised output layers random weights so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if torch.all(p == 0):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(attention_levels=(1, 2), mid_attention=False),
+    dict(resblock_updown=False, use_scale_shift_norm=False, dropout=0.1),
+    dict(channel_mult=(1, 2), num_res_blocks=2),
+    dict(cond_dim=6),
+])
+def test_output_shape_equals_input_shape(kwargs):
+    net = UNet(**{**TINY, **kwargs})
+    x = torch.rand(3, 1, 16, 24)
+    cond = torch.rand(3, 6) if "cond_dim" in kwargs else None
+    assert net(x, torch.tensor([1, 500, 1000]), cond).shape == (3, 1, 16, 24)
+
+
+def test_plain_unet_without_time_or_conditioning():
+    net = UNet(in_channels=2, out_channels=3, use_time=False, mid_attention=False, **TINY)
+    assert net.time_mlp is None
+    assert net(torch.rand(2, 2, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def test_paper_width_has_the_adm_layout():
+    net = UNet()  # 128·(1, 2, 2), 3 res blocks, attention in the middle block only
+    attn = [m for m in net.modules() if isinstance(m, AttentionBlock)]
+    res = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert len(attn) == 1 and attn[0].norm.num_channels == 256
+    # 3 levels × 3 blocks down + 2 residual down-samplers + 2 middle + 3 × 4 up + 2 residual up-samplers
+    assert len(res) == 9 + 2 + 2 + 12 + 2
+
+
+def test_sinusoidal_embedding_values():
+    emb = timestep_embedding(torch.tensor([0, 7]), 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-math.log(10000) * torch.arange(4) / 4)
+    assert torch.allclose(emb[1, :4], torch.cos(7 * freqs)) and torch.allclose(emb[1, 4:], torch.sin(7 * freqs))
+
+
+def test_film_with_zero_gamma_and_beta_is_identity():
+    f = torch.randn(2, 5, 4, 4)
+    assert torch.equal(film(f, torch.zeros(2, 5), torch.zeros(2, 5)), f)
+    out = film(f, torch.ones(2, 5), torch.full((2, 5), 3.0))
+    assert torch.allclose(out, 2 * f + 3)
+
+
+def test_resblock_with_zero_projection_ignores_the_conditioning():
+    block = ResBlock(4, 6, emb_dim=10)
+    _perturb(block)
+    torch.nn.init.zeros_(block.emb_proj[1].weight)
+    torch.nn.init.zeros_(block.emb_proj[1].bias)  # γ = β = 0 for every embedding
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(block(x, torch.randn(2, 10)), block(x, torch.randn(2, 10)))
+
+
+def test_conditioning_vector_changes_the_output():
+    net = UNet(cond_dim=4, **TINY)
+    _perturb(net)
+    x, t = torch.rand(2, 1, 16, 16), torch.tensor([500, 500])
+    assert not torch.allclose(net(x, t, torch.zeros(2, 4)), net(x, t, torch.ones(2, 4)))
+
+
+def test_embedding_is_concat_of_context_and_time():
+    net = UNet(cond_dim=4, **TINY)
+    c = torch.rand(2, 4)
+    emb = net.embedding(2, torch.tensor([3, 9]), c)
+    assert emb.shape == (2, 8) and torch.equal(emb[:, :4], c)
+
+
+def test_missing_or_unexpected_inputs_are_rejected():
+    net = UNet(**TINY)
+    with pytest.raises(ValueError, match="expected t"):
+        net(torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="cond_dim=None"):
+        net(torch.rand(1, 1, 16, 16), torch.tensor([1]), torch.rand(1, 4))
+    with pytest.raises(ValueError, match="cond of shape"):
+        UNet(cond_dim=4, **TINY)(torch.rand(1, 1, 16, 16), torch.tensor([1]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.rand(1, 1, 18, 16), torch.tensor([1]))
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNet(attention_levels=(3,), **TINY)
+
+
+def test_group_norm_uses_a_divisor_of_the_width():
+    assert group_norm(128).num_groups == 32
+    assert group_norm(24).num_groups == 24
+    assert group_norm(40).num_groups == 20
