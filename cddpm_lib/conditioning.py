@@ -9,9 +9,10 @@ no information and only the conditioning image can tell the model what to recons
 
 Choices where the paper is silent (parameters of :func:`conditioning_experiment`):
 
-- "Width" is the last axis of a ``[B, 1, H, W]`` slice (the second in-plane axis of ``[X, Y, Z]`` volumes).
-  Cropping keeps the first ``fraction · W`` columns and sets the rest to 0 (background), so the encoder keeps its
-  input size. The same contrast is applied to the input and to the conditioning image, as in the paper.
+- "Width" is the left-right axis ``X`` of the ``[X, Y, Z]`` volumes, i.e. axis −2 of a ``[B, 1, X, Y]`` slice,
+  which the kit's figures (``np.rot90``) show horizontally. Cropping keeps the first ``fraction · X`` columns (the
+  left part of the figure) and sets the rest to 0 (background), so the encoder keeps its input size. The same
+  contrast is applied to the input and to the conditioning image, as in the paper.
 - Reconstructions are the kit's one-step reconstruction from ``x_t`` (the paper's test-time procedure), also at
   t = 1000; every reconstruction of one row draws the same noise (one seed), so columns differ only by model,
   noise level and conditioning.
@@ -44,16 +45,17 @@ def apply_contrast(x, cl: float):
     return np.power(np.clip(np.asarray(x, dtype=np.float32), 0, None), cl, dtype=np.float32)
 
 
-def crop_width(x, fraction: float):
-    """Keep the first ``fraction`` of the width (last axis) and zero the rest; same shape as ``x``.
-
-    ``fraction = 1`` returns the image unchanged (the full conditioning image), ``0.5`` its left half.
-    """
+def crop_width(x, fraction: float, axis: int = -2):
+    """Keep the first ``fraction`` of the width (``axis``, default the ``X`` axis of ``[..., X, Y]`` slices) and
+    zero the rest; same shape as ``x``. ``fraction = 1`` returns the image unchanged (the full conditioning
+    image), ``0.5`` its left half as the figures show it."""
     if not 0 < fraction <= 1:
         raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
-    keep = int(round(fraction * x.shape[-1]))
+    keep = int(round(fraction * x.shape[axis]))
     out = x.clone() if isinstance(x, Tensor) else np.array(x, copy=True)
-    out[..., keep:] = 0
+    index = [slice(None)] * out.ndim
+    index[axis] = slice(keep, None)
+    out[tuple(index)] = 0
     return out
 
 
@@ -105,9 +107,9 @@ def conditioning_experiment(cddpm, ddpm, image: np.ndarray, brain_mask: np.ndarr
     if ddpm is not None:
         ddpm.to(device).eval()
     pct = [f"{int(round(100 * c))} %" for c in crops]
-    blocks = [("input", ["input x^cl"] + [f"conditioning {p}" for p in pct]),
+    blocks = [("input and conditioning images", ["input x^cl"] + [f"conditioning {p}" for p in pct]),
               (f"cDDPM, t = {t_half}", [f"cDDPM {p}, t={t_half}" for p in pct]),
-              (f"t = {t_full} (pure noise)", [f"cDDPM {p}, t={t_full}" for p in pct]
+              (f"cDDPM vs DDPM, t = {t_full} (pure noise)", [f"cDDPM {p}, t={t_full}" for p in pct]
                + ([f"DDPM, t={t_full}"] if ddpm is not None else []))]
     columns = [c for _, cols in blocks for c in cols]
     rows: dict[str, list[np.ndarray]] = {c: [] for c in columns}
@@ -141,7 +143,8 @@ def plot_conditioning(grid: ConditioningGrid, cell: float = 1.4):
                 ax.set_title(col, fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"cl = {cl:g}", fontsize=8)
-    titles = "   |   ".join(f"{title}: {len(cols)} col." for title, cols in grid.blocks)
-    fig.suptitle(f"Conditioning effect (paper Fig. 2) — {titles}", fontsize=8)
+    titles = "   |   ".join(title for title, _ in grid.blocks)
+    fig.suptitle(f"Conditioning effect (paper Fig. 2), rows: contrast x^cl of input and conditioning image — "
+                 f"{titles}", fontsize=8)
     fig.tight_layout()
     return fig

@@ -383,6 +383,9 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
             writer.close()
     if ctx.world > 1:
         dist.barrier()
+    if not (run_dir / "best.pt").exists():
+        raise RuntimeError(f"{run_dir}: no finite validation loss in {step} steps, so no best.pt; for f-AnoGAN "
+                           "gan_steps must be smaller than max_steps")
     best = load_checkpoint(run_dir / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
     model.eval()

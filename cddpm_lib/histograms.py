@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import paths, quality, reconstruct
+from . import paths, quality, reconstruct, tables
 from .config import ConfigError, StageConfig
 from .datasets import HEALTHY, model_id
 from .reference import KLD_RATIOS
@@ -298,7 +298,7 @@ def write_kld(table: pd.DataFrame, cfg: DomainShiftConfig) -> Path:
     save_dataframe(table, out / "kld.csv")
     lines = [
         "# KLD of input vs reconstruction intensity histograms (paper §4.5.2, §5.3, Fig. 3)", "",
-        quality.markdown(table), "",
+        tables.markdown_table(table), "",
         f"- KL(in‖rec): true Kullback-Leibler divergence D_KL(p_input ‖ p_reconstruction) in nats of {cfg.n_bins}-bin "
         f"histograms over a range shared by both; ε = {cfg.kl_eps:g} added to every bin probability, renormalised.",
         "- H(in)−H(rec): the paper's printed formula read literally — a difference of Shannon entropies, not a "

@@ -2,13 +2,13 @@
 
 Four kinds, one per unhealthy data set of the paper (Table 1):
 
-* ``glioma`` (BraTS21-like, shown on T2): one large irregular mass, 14–270 ml, with a necrotic core, a rim and
-  surrounding oedema lobes, and *mass effect* (the neighbouring anatomy is pushed away from the centre),
-* ``ms`` (MSLUB-like, T2): 3–15 small ovoid white-matter lesions, mostly periventricular and oriented radially
+* ``glioma`` (BraTS21-like, shown on T2): one large irregular mass (about 10–300 ml) with a necrotic core, a
+  rim and surrounding oedema lobes, and *mass effect* (the neighbouring anatomy is pushed away from the centre),
+* ``ms`` (MSLUB-like, T2): 4–30 small ovoid white-matter lesions, mostly periventricular and oriented radially
   to the ventricles (Dawson's fingers),
 * ``stroke`` (ATLAS-like, T1): one chronic territorial infarct reaching from the cortex into the white matter
-  (0.1–150 ml) or, in a quarter of the subjects, a small deep lacune; hypointense like CSF, gliotic rim,
-* ``wmh`` (WMH-like, T1): 3–20 small, subtly hypointense deep/periventricular white-matter lesions.
+  (0.1–100 ml) or, in a quarter of the subjects, a small deep lacune; hypointense like CSF, gliotic rim,
+* ``wmh`` (WMH-like, T1): 5–40 small, subtly hypointense deep/periventricular white-matter lesions.
 
 Every lesion is a union of :class:`Blob` primitives — ellipsoids with a smoothly perturbed surface — defined in
 **template (MNI) millimetres**, so they follow each subject's deformation. They are evaluated analytically at the
@@ -39,8 +39,8 @@ class Blob:
     """Ellipsoid with an irregular surface, in template mm.
 
     ``radius(v) = radii * (1 + roughness * n(v))`` along unit direction ``v``, where ``n`` (in [-1, 1]) is a sum
-    of ``cos(freq_j * k_j·v + phase_j)`` waves. ``role``: ``lesion``, ``tumour`` (compartments by relative radius)
-    or ``oedema``. ``level``: the lesion's contrast parameter (see :func:`target_intensity`).
+    of ``cos(freq_j * k_j·v + phase_j)`` waves. ``role``: ``lesion``, ``tumour`` or ``oedema`` (documentation
+    only). ``level`` in [0, 1]: the lesion's contrast parameter (see :func:`target_intensity`).
     """
 
     center: np.ndarray  # [3] mm
@@ -50,17 +50,21 @@ class Blob:
     waves: np.ndarray  # [J, 6]: k (3), freq, phase, weight
     role: str = "lesion"
     level: float = 0.5
-    core: float = 0.0  # tumour: relative radius of the necrotic core
-    rim: float = 0.0  # tumour: relative radius of the rim's outer border
 
 
 @dataclasses.dataclass(frozen=True)
 class LesionSpec:
-    """One subject's pathology: blobs plus an optional mass effect ``(center [3] mm, strength, sigma mm)``."""
+    """One subject's pathology: the union of ``blobs`` is the lesion (the mask).
+
+    Tumours add a ``core`` blob (necrosis where its relative radius < 1, solid rim up to ``1 + rim``, oedema
+    beyond; compartments do not change the mask) and a mass effect ``(center [3] mm, strength, sigma mm)``.
+    """
 
     kind: str
     blobs: tuple[Blob, ...]
     mass_effect: tuple[np.ndarray, float, float] | None = None
+    core: Blob | None = None
+    rim: float = 0.0
 
     @property
     def nominal_volume_ml(self) -> float:
@@ -124,23 +128,31 @@ def lesion_field(spec: LesionSpec, u_lesion: np.ndarray, u_anatomy: np.ndarray
 
     ``u_lesion [3, N]``: coordinates before the mass effect (tumours are drawn there, round and undeformed);
     ``u_anatomy [3, N]``: after it (other lesions move with the anatomy). Returns ``(L [N], blob_index [N],
-    rho [N])``: the lesion weight, the strongest blob per voxel (-1 outside) and its relative radius.
+    rho [N])``: the lesion weight, the strongest blob per voxel (-1 outside) and its relative radius (tumours:
+    the relative radius of the necrotic ``core`` blob, which sets the compartments).
     """
     n = u_anatomy.shape[1]
     weight = np.zeros(n, np.float32)
     index = np.full(n, -1, np.int16)
     rho_out = np.full(n, np.inf, np.float32)
+    pts_all = u_lesion if spec.kind == "glioma" else u_anatomy
+    reach = np.array([float(b.radii.max()) * (1.0 + b.roughness) + 1.0 for b in spec.blobs])
+    centres = np.stack([b.center for b in spec.blobs])
+    lo, hi = (centres - reach[:, None]).min(0), (centres + reach[:, None]).max(0)
+    cand = np.flatnonzero(np.all((pts_all >= lo[:, None]) & (pts_all <= hi[:, None]), axis=0))  # speed
+    pts_cand = pts_all[:, cand]
     for i, blob in enumerate(spec.blobs):
-        pts = u_lesion if spec.kind == "glioma" else u_anatomy
-        reach = float(blob.radii.max()) * (1.0 + blob.roughness) + 1.0
-        near = np.all(np.abs(pts - blob.center[:, None]) < reach, axis=0)  # bounding box first (speed)
-        idx = np.flatnonzero(near)
+        near = np.all(np.abs(pts_cand - blob.center[:, None]) < reach[i], axis=0)
+        idx = cand[near]
         if idx.size == 0:
             continue
-        w, rho = blob_field(blob, pts[:, idx])
+        w, rho = blob_field(blob, pts_cand[:, near])
         better = w > weight[idx]
         sel = idx[better]
         weight[sel], index[sel], rho_out[sel] = w[better], i, rho[better]
+    if spec.core is not None:
+        inside = np.flatnonzero(weight > 0)
+        rho_out[inside] = blob_radius(spec.core, u_lesion[:, inside])
     return weight, index, rho_out
 
 
@@ -164,8 +176,7 @@ def target_intensity(spec: LesionSpec, weighting: str, means: dict[str, float], 
     levels = np.array([b.level for b in spec.blobs] + [0.0])[index]
     t2 = weighting == "t2"
     if spec.kind == "glioma":
-        core = np.array([b.core for b in spec.blobs] + [0.0])[index]
-        rim = np.array([b.rim for b in spec.blobs] + [0.0])[index]
+        core, rim = 1.0, 1.0 + spec.rim
         oedema = gm + (0.45 + 0.25 * levels) * (csf - gm) if t2 else gm - (0.2 + 0.2 * levels) * (gm - csf)
         rim_v = gm + 0.15 * (csf - gm) if t2 else gm - 0.05 * (gm - csf)
         core_v = csf * (0.85 + 0.1 * levels) if t2 else csf + 0.25 * (gm - csf)
@@ -205,32 +216,38 @@ def _supratentorial(atlas: Any, z_min_mm: float = -20.0) -> np.ndarray:
 
 
 def sample_glioma(rng: np.random.Generator, atlas: Any, min_radius_mm: float = 1.0) -> LesionSpec:
-    """BraTS-like tumour: radius 15–40 mm (whole tumour 14–270 ml), core 25–50 %, rim +10–25 % of the radius."""
+    """BraTS-like tumour: radius 15–40 mm (whole tumour 14–270 ml); an off-centre irregular necrotic core of
+    20–45 % of the radius with a solid rim 30–80 % of the core radius thick; 1–2 oedema lobes."""
     radius = rng.uniform(15.0, 40.0)
     centre = _random_point(rng, atlas, (atlas.wm > 0.5) & (atlas.depth > 0.45 * radius) & _supratentorial(atlas))
     radii = radius * rng.uniform(0.75, 1.0, 3)
-    core = rng.uniform(0.25, 0.5)
-    main = Blob(centre, random_rotation(rng), radii, rng.uniform(0.12, 0.28), random_waves(rng), "tumour",
-                rng.uniform(0, 1), core, core + rng.uniform(0.1, 0.25))
+    main = Blob(centre, random_rotation(rng), radii, rng.uniform(0.15, 0.3), random_waves(rng), "tumour",
+                rng.uniform(0, 1))
+    core_r = radius * rng.uniform(0.2, 0.45)
+    offset = rng.standard_normal(3)
+    core = Blob(centre + offset / np.linalg.norm(offset) * rng.uniform(0.0, 0.25) * radius, random_rotation(rng),
+                core_r * rng.uniform(0.7, 1.0, 3), rng.uniform(0.2, 0.4), random_waves(rng, 8, 6.0), "tumour")
     lobes = []
     for _ in range(rng.integers(1, 3)):  # oedema spreading beyond the mass
         direction = rng.standard_normal(3)
         direction /= np.linalg.norm(direction)
         lobe_r = radius * rng.uniform(0.45, 0.8, 3)
         lobes.append(Blob(centre + direction * radius * rng.uniform(0.5, 0.9), random_rotation(rng), lobe_r,
-                          rng.uniform(0.15, 0.3), random_waves(rng), "oedema", rng.uniform(0, 1), 0.0, 0.0))
-    return LesionSpec("glioma", (main, *lobes), (centre, float(rng.uniform(0.15, 0.35)), float(radius)))
+                          rng.uniform(0.15, 0.3), random_waves(rng), "oedema", rng.uniform(0, 1)))
+    return LesionSpec("glioma", (main, *lobes), (centre, float(rng.uniform(0.15, 0.35)), float(radius)), core,
+                      float(rng.uniform(0.3, 0.8)))
 
 
 def sample_ms(rng: np.random.Generator, atlas: Any, min_radius_mm: float = 1.0) -> LesionSpec:
-    """MS: 3–15 ovoids, long radius 1.5–6 mm (≥ ``min_radius_mm``), 70 % within 2–10 mm of the ventricles."""
+    """MS: 4–30 ovoids, long radius 2–12 mm (log-uniform, ≥ ``min_radius_mm``), 70 % within 2–10 mm of the
+    ventricles (lesion loads of about 0.3–20 ml)."""
     blobs = []
     peri = (atlas.wm > 0.6) & (atlas.vent_dist > 2.0) & (atlas.vent_dist < 10.0)
     deep = (atlas.wm > 0.7) & (atlas.depth > 6.0)
-    for _ in range(rng.integers(3, 16)):
+    for _ in range(rng.integers(4, 31)):
         centre = _random_point(rng, atlas, peri if rng.random() < 0.7 else deep)
-        long_r = max(rng.uniform(1.5, 6.0), min_radius_mm)
-        short = max(long_r * rng.uniform(0.4, 0.7), min_radius_mm)
+        long_r = max(float(np.exp(rng.uniform(np.log(2.0), np.log(12.0)))), min_radius_mm)
+        short = max(long_r * rng.uniform(0.45, 0.75), min_radius_mm)
         rot = random_rotation(rng, centre - atlas.vent_center)  # long axis radial to the ventricles
         blobs.append(Blob(centre, rot, np.array([long_r, short, short * rng.uniform(0.8, 1.0)]),
                           rng.uniform(0.05, 0.15), random_waves(rng, 4), "lesion", rng.uniform(0.35, 0.7)))
@@ -257,13 +274,14 @@ def sample_stroke(rng: np.random.Generator, atlas: Any, min_radius_mm: float = 1
 
 
 def sample_wmh(rng: np.random.Generator, atlas: Any, min_radius_mm: float = 1.0) -> LesionSpec:
-    """WMH: 3–20 small lesions (radius 1–6 mm, log-uniform), periventricular caps and deep white matter."""
+    """WMH: 5–40 lesions (radius 1.5–10 mm, log-uniform), 60 % periventricular caps, the rest deep white matter
+    (loads of about 1–20 ml)."""
     blobs = []
     peri = (atlas.wm > 0.5) & (atlas.vent_dist > 0.5) & (atlas.vent_dist < 6.0)
     deep = (atlas.wm > 0.7) & (atlas.depth > 8.0)
-    for _ in range(rng.integers(3, 21)):
+    for _ in range(rng.integers(5, 41)):
         centre = _random_point(rng, atlas, peri if rng.random() < 0.6 else deep)
-        r = max(float(np.exp(rng.uniform(np.log(1.0), np.log(6.0)))), min_radius_mm)
+        r = max(float(np.exp(rng.uniform(np.log(1.5), np.log(10.0)))), min_radius_mm)
         blobs.append(Blob(centre, random_rotation(rng), r * rng.uniform(0.6, 1.0, 3), rng.uniform(0.05, 0.2),
                           random_waves(rng, 4), "lesion", rng.uniform(0.25, 0.6)))
     return LesionSpec("wmh", tuple(blobs))

@@ -78,44 +78,50 @@ def dice_at(scores, labels, threshold: float) -> float:
 
 
 def float32_order_key(x: np.ndarray) -> np.ndarray:
-    """Monotone map of finite float32 to uint64 in ``[1, 2^32)``: ``a < b ⇔ key(a) < key(b)``, ``−0 ≡ +0``."""
-    x = np.asarray(x, np.float32) + np.float32(0.0)  # -0.0 -> +0.0
-    u = x.view(np.uint32)
-    key = np.where(u >> 31, ~u, u | np.uint32(0x80000000))
-    return key.astype(np.uint64)
+    """Monotone map of finite float32 to uint32 in ``[1, 2^32)``: ``a < b ⇔ key(a) < key(b)``, ``−0 ≡ +0``."""
+    u = (np.asarray(x, np.float32) + np.float32(0.0)).view(np.uint32)  # + 0: -0.0 -> +0.0
+    return u ^ ((u >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000))
 
 
 def float32_from_key(key: np.ndarray) -> np.ndarray:
     """Inverse of :func:`float32_order_key`."""
-    k = np.asarray(key, np.uint64).astype(np.uint32)
-    u = np.where(k >> 31, k & np.uint32(0x7FFFFFFF), ~k)
-    return u.astype(np.uint32).view(np.float32)
+    k = np.asarray(key).astype(np.uint32)
+    return (k ^ (((k >> np.uint32(31)) ^ np.uint32(1)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000))
+            ).view(np.float32)
 
 
 def _is_float32_exact(s: np.ndarray) -> bool:
-    if s.dtype == np.float32 or s.dtype.kind in "iub":
-        return s.dtype.itemsize <= 2 or s.dtype == np.float32 or bool(
-            np.all(s.astype(np.float32).astype(s.dtype) == s))
-    return bool(np.all(s.astype(np.float32).astype(np.float64) == s))
+    if s.dtype == np.float32 or (s.dtype.kind in "iub" and s.dtype.itemsize <= 2):
+        return True
+    return bool(np.all(s.astype(np.float32).astype(s.dtype) == s))
 
 
-def _sorted_groups(s: np.ndarray, y: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort every row by score -> ``(group_key, y, score)`` ``[B, V]``; invalid voxels first with group key 0."""
+def _sorted_keys(s: np.ndarray, y: np.ndarray, valid: np.ndarray):
+    """Per row, the ascending keys ``2 · group + label`` (group 0 = voxels outside ``valid``) and a decoder
+    ``score(row, sorted index, key)`` of a voxel's score.
+
+    Fast path (scores exactly float32): the key is computed from the float bits; non-negative scores (residuals)
+    fit in uint32, others use uint64. Otherwise float64 scores are arg-sorted and the groups numbered.
+    """
     if _is_float32_exact(s):
-        key = (float32_order_key(s) << np.uint64(1)) | y.astype(np.uint64)
+        s32 = np.asarray(s, np.float32)
+        if s32.size and s32.min() >= 0:
+            u = (s32 + np.float32(0.0)).view(np.uint32)               # monotone bits of non-negative floats
+            key = ((u + np.uint32(1)) << np.uint32(1)) | y.view(np.uint8)
+            decode = lambda r, i, k: (np.uint32(k >> 1) - np.uint32(1)).view(np.float32)  # noqa: E731
+        else:
+            key = (float32_order_key(s32).astype(np.uint64) << np.uint64(1)) | y.astype(np.uint64)
+            decode = lambda r, i, k: float32_from_key(np.asarray(k >> np.uint64(1)))  # noqa: E731
         key[~valid] = 0
-        key = np.sort(key, axis=1)
-        group = key >> np.uint64(1)
-        return group, (key & np.uint64(1)).astype(bool), float32_from_key(np.maximum(group, 1))
+        return np.sort(key, axis=1), decode
     s64 = np.where(valid, s.astype(np.float64), -np.inf)
     order = np.argsort(s64, axis=1, kind="stable")
     ss = np.take_along_axis(s64, order, 1)
     ys = np.take_along_axis(y & valid, order, 1)
-    group = np.empty(ss.shape, np.uint64)
-    group[:, 0] = 0
-    group[:, 1:] = np.cumsum(ss[:, 1:] != ss[:, :-1], axis=1, dtype=np.uint64)
-    group += np.isfinite(ss[:, :1]).astype(np.uint64)  # invalid rows start at group 0
-    return group, ys, ss
+    group = np.zeros(ss.shape, np.int64)
+    group[:, 1:] = np.cumsum(ss[:, 1:] != ss[:, :-1], axis=1)
+    group += np.isfinite(ss[:, :1]).astype(np.int64)                  # first row entry valid -> group 1
+    return 2 * group + ys, (lambda r, i, k: ss[r, i])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,37 +139,33 @@ class RankStats:
     n_pos: np.ndarray
 
 
-def _chunk_stats(s: np.ndarray, y: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, ...]:
-    b, v = s.shape
-    group, ys, ss = _sorted_groups(s, y, valid)
-    n_pos = np.count_nonzero(ys, axis=1)
-    n_valid = np.count_nonzero(valid, axis=1)
-    n_neg = n_valid - n_pos
+def _row_stats(keys: np.ndarray, n_valid: int, decode, r: int) -> tuple[float, float, float, float, int]:
+    """Statistics of one sorted key row; only the positives are visited (``O(V)`` to find them, then
+    ``O(P log V)``)."""
+    v = keys.shape[0]
+    pos_idx = np.flatnonzero(keys & 1)                               # sorted indices of the positives, ascending
+    p = pos_idx.size
+    n_neg = n_valid - p
+    if p == 0:
+        return np.nan, np.nan, np.nan, np.nan, 0
+    k = keys[pos_idx]
+    g0 = np.searchsorted(keys, k - 1, side="left")                   # tie-group start (key of label 0 is k − 1)
+    g1 = np.searchsorted(keys, k, side="right") - 1                  # tie-group end
+    pos_ge = p - np.searchsorted(pos_idx, g0, side="left")           # n⁺(G): positives at or after g0
+    all_ge = v - g0                                                  # n(G): voxels at or after g0
+    ap = float(np.mean(pos_ge / all_ge))
     n_invalid = v - n_valid
-    idx = np.arange(v, dtype=np.int64)
-    start = np.ones((b, v), bool)
-    start[:, 1:] = group[:, 1:] != group[:, :-1]
-    g0 = np.maximum.accumulate(np.where(start, idx, 0), axis=1)                    # tie-group start
-    end = np.ones((b, v), bool)
-    end[:, :-1] = start[:, 1:]
-    g1 = np.minimum.accumulate(np.where(end, idx, v - 1)[:, ::-1], axis=1)[:, ::-1]  # tie-group end
-    cy = np.cumsum(ys, axis=1, dtype=np.int64)
-    pos_ge = n_pos[:, None] - (np.take_along_axis(cy, g0, 1) - np.take_along_axis(ys, g0, 1))  # n⁺(G)
-    all_ge = v - g0                                                                            # n(G)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prec = np.where(ys, pos_ge / np.maximum(all_ge, 1), 0.0)
-        ap = prec.sum(1) / n_pos
-        midrank = (g0 + g1) / 2.0 + 1.0 - n_invalid[:, None]
-        r_pos = np.where(ys, midrank, 0.0).sum(1)
-        auroc = (r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos.astype(np.float64) * n_neg)
-        dsc = np.where(ys, 2.0 * pos_ge / (all_ge + n_pos[:, None]), -1.0)
-    arg = dsc.argmax(1)
-    best = dsc[np.arange(b), arg]
-    best_score = np.asarray(ss[np.arange(b), arg], np.float64)
-    none = n_pos == 0
-    auroc = np.where(none | (n_neg == 0), np.nan, auroc)
-    return (np.where(none, np.nan, ap), auroc, np.where(none, np.nan, best), np.where(none, np.nan, best_score),
-            n_pos)
+    midrank = (g0 + g1) / 2.0 + 1.0 - n_invalid
+    auroc = (midrank.sum() - p * (p + 1) / 2.0) / (p * n_neg) if n_neg > 0 else np.nan
+    dsc = 2.0 * pos_ge / (all_ge + p)
+    j = int(np.argmax(dsc))
+    return ap, float(auroc), float(dsc[j]), float(decode(r, pos_idx[j], k[j])), p
+
+
+def _chunk_stats(s: np.ndarray, y: np.ndarray, valid: np.ndarray) -> list[tuple]:
+    keys, decode = _sorted_keys(s, y & valid, valid)
+    n_valid = np.count_nonzero(valid, axis=1)
+    return [_row_stats(keys[r], int(n_valid[r]), decode, r) for r in range(keys.shape[0])]
 
 
 def rank_stats(scores, labels, mask=None, *, region: Region = "volume", no_positive_ap: float = 0.0,
@@ -191,8 +193,9 @@ def rank_stats(scores, labels, mask=None, *, region: Region = "volume", no_posit
     if s.dtype.kind == "f" and not np.isfinite(s).all():
         raise ValueError("rank_stats: scores contain NaN or infinite values")
     step = max(1, int(chunk_voxels) // max(1, s.shape[1]))
-    parts = [_chunk_stats(s[i:i + step], y[i:i + step], m[i:i + step]) for i in range(0, s.shape[0], step)]
-    ap, au, best, best_score, n_pos = (np.concatenate([p[j] for p in parts]) for j in range(5))
+    rows = [r for i in range(0, s.shape[0], step) for r in _chunk_stats(s[i:i + step], y[i:i + step], m[i:i + step])]
+    ap, au, best, best_score = (np.array([r[j] for r in rows], np.float64) for j in range(4))
+    n_pos = np.array([r[4] for r in rows], np.int64)
     ap = np.where(n_pos == 0, float(no_positive_ap), ap)
     return RankStats(ap=ap, auroc=au, best_dice=best, best_score=best_score, n_pos=n_pos)
 

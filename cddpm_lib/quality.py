@@ -34,14 +34,14 @@ import pandas as pd
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from . import data, paths, reconstruct, reference, stats
+from . import data, paths, reconstruct, reference, stats, tables
 from .conditioning import CONTRAST_LEVELS, CROP_FRACTIONS, apply_contrast, largest_brain_slice
 from .config import ConfigError, StageConfig
 from .datasets import EVAL_SETS, HEALTHY, model_id
 from .models import MODEL_NAMES, load_model
 from .perceptual import SUBSTITUTE_LABEL, resolve_perceptual
 from .runtime import default_device
-from .volumes import VolumeError, load_nifti, load_npz, save_dataframe, save_npz, save_text
+from .volumes import VolumeError, load_nifti, load_npz, save_npz
 
 #: models whose Table 2 rows use the t_test ensemble
 DIFFUSION_MODELS = ("ddpm", "pddpm", "cddpm")
@@ -344,10 +344,11 @@ def figure2_inputs(cfg: ReconstructionQualityConfig):
 
 #: (fold-score column, reference metric, display scale, higher is better, header)
 TABLE2_COLUMNS: tuple[tuple[str, str, float, bool, str], ...] = (
-    ("ssim", "SSIM", 100.0, True, "SSIM ↑ (%)"), ("psnr", "PSNR", 1.0, True, "PSNR ↑ (dB)"),
-    ("perceptual", "LPIPS", 1e3, False, "LPIPS ↓ (e-3)"), ("l1", "l1", 1e3, False, "l1-error ↓ (e-3)"),
+    ("ssim", "SSIM", 100.0, True, "SSIM % ↑"), ("psnr", "PSNR", 1.0, True, "PSNR dB ↑"),
+    ("perceptual", "LPIPS", 1e3, False, "LPIPS e-3 ↓"), ("l1", "l1", 1e3, False, "l1-error e-3 ↓"),
     *((f"ratio_{d}", f"ratio_{d}", 1.0, True, f"l1-ratio {d} ↑") for d in ("BraTS21", "MSLUB", "ATLAS", "WMH")),
 )
+SUBSTITUTE_HEADER = SUBSTITUTE_LABEL + " e-3 ↓"
 
 
 def significance_stars(scores: pd.DataFrame, column: str, higher_is_better: bool, *, rounds: int, alpha: float,
@@ -370,53 +371,46 @@ def significance_stars(scores: pd.DataFrame, column: str, higher_is_better: bool
     return best
 
 
-def table2(scores: pd.DataFrame, perceptual_kind: str, *, rounds: int = stats.ROUNDS,
-           alpha: float = stats.ALPHA) -> pd.DataFrame:
-    """Table 2: one row per model, ``mean ± std`` over folds (kit) beside the paper's value for every column.
-
-    scores: :func:`fold_scores`. perceptual_kind: ``lpips`` / ``substitute`` / ``none``
-    (:class:`perceptual.PerceptualMetric`); the substitute's column is labelled as such and never as LPIPS.
-    """
-    paper = reference.table2()
-    starred = {col: significance_stars(scores, col, hib, rounds=rounds, alpha=alpha)
-               for col, _, _, hib, _ in TABLE2_COLUMNS}
-    rows = []
-    for spec, g in scores.groupby("model", sort=False):
-        name = parse_model(spec)[0]
-        row = {"model": model_label(spec), "folds": int(g["fold"].nunique())}
-        for col, metric, scale, _, header in TABLE2_COLUMNS:
-            kit_header = SUBSTITUTE_LABEL + " (e-3)" if col == "perceptual" and perceptual_kind == "substitute" \
-                else header
+def table2_long(scores: pd.DataFrame, perceptual_kind: str, *, rounds: int = stats.ROUNDS,
+                alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Our Table 2 as ``model, metric, mean, std, star`` (display units) beside the paper's (``tables``
+    side-by-side layout). The perceptual column is ``LPIPS`` only with MedicalNet; the substitute gets its own,
+    clearly labelled column and the LPIPS column stays empty ("n/a")."""
+    ours = []
+    for col, metric, scale, hib, header in TABLE2_COLUMNS:
+        if col == "perceptual" and perceptual_kind != "lpips":
+            if perceptual_kind == "none":
+                continue
+            header = SUBSTITUTE_HEADER
+        best = significance_stars(scores, col, hib, rounds=rounds, alpha=alpha)
+        for spec, g in scores.groupby("model", sort=False):
             mean, std = stats.mean_std(g[col].astype(float) * scale)
-            if col == "perceptual" and perceptual_kind == "none":
-                row[kit_header] = "n/a"
-            else:
-                row[kit_header] = "" if math.isnan(mean) else \
-                    f"{mean:.2f} ± {std:.2f}{'*' if starred[col] == spec else ''}"
-            hit = paper[(paper["model"] == name) & (paper["metric"] == metric)]
-            row[f"{header}, paper"] = "" if hit.empty else \
-                f"{hit['mean'].iloc[0]:.2f} ± {hit['std'].iloc[0]:.2f}{'*' if hit['star'].iloc[0] else ''}"
-        rows.append(row)
-    return pd.DataFrame(rows)
+            ours.append({"model": spec, "metric": header, "mean": mean, "std": std, "star": best == spec})
+    ours = pd.DataFrame(ours)
+    paper = reference.table2()
+    headers = {metric: header for _, metric, _, _, header in TABLE2_COLUMNS}
+    spec_of = {}
+    for spec in dict.fromkeys(scores["model"]):
+        spec_of.setdefault(parse_model(spec)[0], spec)
+    paper = paper.assign(model=paper["model"].map(lambda m: spec_of.get(m, m)), metric=paper["metric"].map(headers))
+    sbs = tables.side_by_side(ours, paper, ["model", "metric"])
+    sbs.insert(0, "row", [model_label(m) if m in spec_of.values() else reference.DISPLAY.get(m, m)
+                          for m in sbs["model"]])
+    return sbs
 
 
-def markdown(df: pd.DataFrame) -> str:
-    """A plain GitHub-Markdown table (no extra dependency)."""
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
+def _cell(r: pd.Series, digits: int) -> str:
+    if r["metric"] == "LPIPS e-3 ↓" and pd.isna(r["mean"]):
+        return f"n/a — MedicalNet weights not found (paper {tables.format_value(r['paper_mean'], r['paper_std'])})"
+    return tables.format_cell(r, digits)
 
 
-def write_table2(table: pd.DataFrame, notes: dict[int, str], cfg: ReconstructionQualityConfig) -> Path:
-    """``results/table2.csv`` and ``table2.md`` (with how each metric was computed); returns the CSV path."""
-    out = paths.results_dir(cfg.profile)
-    save_dataframe(table, out / "table2.csv")
+def write_table2(sbs: pd.DataFrame, notes: dict[int, str], cfg: ReconstructionQualityConfig) -> Path:
+    """``results/table2.csv`` (numbers, paper beside) and ``table2.md`` (the paper's layout, how each metric was
+    computed, the perceptual provenance); returns the CSV path."""
     lines = [
-        "# Table 2 — reconstruction quality (IXI T2 test) and l1-ratio (unhealthy test sets)", "",
-        markdown(table), "",
         f"- Kit: mean ± std over folds {list(cfg.folds)}; DDPM family with variant '{cfg.diffusion_variant}' "
-        f"(t_test {reconstruct.variant_kwargs(cfg.diffusion_variant).get('t_test')}); `*` = best and "
+        f"(t_test {reconstruct.variant_kwargs(cfg.diffusion_variant).get('t_test')}); `*`: best and "
         f"significantly better than every other row (mlxtend permutation test on per-fold scores, "
         f"{cfg.permutation_rounds} rounds, α = {cfg.alpha}; needs ≥ 2 folds).",
         f"- SSIM: Wang et al. (Gaussian σ = 1.5, data range 1), {cfg.ssim_dims.upper()} map averaged over the brain "
@@ -425,5 +419,7 @@ def write_table2(table: pd.DataFrame, notes: dict[int, str], cfg: Reconstruction
         "minus annotation), ratio of the means over test volumes with a non-empty annotation.",
         *(f"- Perceptual column, fold {k}: {note}" for k, note in notes.items()),
     ]
-    save_text("\n".join(lines) + "\n", out / "table2.md")
-    return out / "table2.csv"
+    md = tables.to_markdown(sbs, ["row"], ["metric"], cell=_cell, note="\n".join(lines),
+                            title="Table 2 — reconstruction quality (IXI T2 test) and l1-ratio (unhealthy test sets)")
+    stem = paths.results_dir(cfg.profile) / "table2"
+    return tables.write_table(tables.to_wide(sbs, ["row"], ["metric"]), md, stem)[0]

@@ -1,68 +1,30 @@
-"""The embedded synthetic cohort: IXI-like healthy heads and four pathologies, built from nilearn's MNI152 2009
-T1 template and its grey/white-matter/brain-mask maps (no download). A stand-in for the data of paper §4.1.
-
-One subject is rendered in a single backward resampling from its *raw scanner grid* to the template:
-
-1. scanner pose: random rotation/translation of the head in the field of view (pose ``[R, t]``),
-2. anatomy: a small random affine (head size, shear) plus a smooth random displacement field and a radial
-   scaling around the ventricles (ventricle size), then a tumour's mass effect (:func:`lesions.mass_effect`),
-3. tissues sampled at the template coordinates: GM, WM, CSF (brain mask − GM − WM), the template's own T1
-   texture (its residual after a fit on the tissue maps) and a signed distance to the intracranial hull from
-   which the head's shells are drawn: CSF rim, inner table, diploe (marrow), outer table, galea, fat, skin —
-   plus a neck below the skull base,
-4. contrast: tissue means per weighting (T1: fat > WM > GM > CSF; T2: CSF > GM > WM) × the site's contrast
-   factors × a per-subject jitter, then the site's blur (Gaussian),
-5. pathology (:mod:`cddpm_lib.lesions`) drawn analytically on the output voxels — the mask is exactly the
-   voxels whose intensity changed,
-6. acquisition: a smooth multiplicative bias field (scanner coordinates), Rician noise, quantisation to int16
-   scanner units; BraTS-like subjects are returned skull-stripped (background exactly 0).
+"""The embedded synthetic cohort: IXI-like healthy subjects and BraTS21/MSLUB/ATLAS/WMH-like pathologies in the
+split shapes of paper Table 1 (a stand-in for the data of paper §4.1; scans rendered by :mod:`headmodel`).
 
 Sites differ in contrast, bias, noise, blur, slice thickness, axis orientation and pose range; the unhealthy
-data sets come from other sites than IXI's three (the paper's domain shift). Everything is deterministic from
-``(seed, dataset, subject index)``. The template maps are averaged down to the output voxel size first
-(factor 1–4 mm), so coarse cohorts are fast (cohort writing: :mod:`cddpm_lib.cohort`).
+data sets come from other sites than IXI's three (the paper's domain shift). BraTS-like subjects are delivered
+skull-stripped (as BraTS21), the others with skull. Every subject is deterministic from ``(seed, data set,
+index)``; :func:`generate_cohort` writes ``raw/<dataset>/<subject>/{t1,t2,brain_mask,seg}.nii.gz`` and the raw
+manifest, in parallel processes, skipping subjects already written with the same settings.
 """
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
+import hashlib
+import json
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+import pandas as pd
+from tqdm import tqdm
 
 from . import lesions
-
-WEIGHTINGS = ("t1", "t2")
-TISSUES = ("csf", "gm", "wm", "bone", "marrow", "muscle", "fat", "skin")
-#: relative tissue means (T1: WM > GM > CSF; T2: CSF > GM > WM)
-BASE_MEANS: dict[str, dict[str, float]] = {
-    "t1": {"csf": 0.18, "gm": 0.62, "wm": 1.00, "bone": 0.05, "marrow": 0.80, "muscle": 0.45, "fat": 1.10,
-           "skin": 0.60},
-    "t2": {"csf": 1.00, "gm": 0.55, "wm": 0.38, "bone": 0.05, "marrow": 0.50, "muscle": 0.33, "fat": 0.78,
-           "skin": 0.50},
-}
-#: shells outside the intracranial hull, (tissue, thickness mm), inner to outer
-SHELLS = (("csf", 1.5), ("bone", 1.5), ("marrow", 2.5), ("bone", 1.5), ("muscle", 1.5), ("fat", 4.0),
-          ("skin", 1.0))
-HEAD_CENTER_MM = np.array([0.0, -17.0, 12.0])  # template point placed at the centre of the field of view
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """A scanner/hospital: contrast factors per weighting and tissue, acquisition properties, pose range."""
-
-    name: str
-    contrast: dict[str, dict[str, float]]  # weighting -> tissue -> factor on BASE_MEANS (missing: 1)
-    noise: float  # Rician sigma relative to the brightest brain tissue
-    bias: float  # std of the log bias field over the head
-    blur_mm: float  # Gaussian sigma of the point-spread function
-    slice_factor: float = 1.0  # slice thickness / in-plane spacing (with anisotropic=True)
-    flip_x: bool = False  # LAS instead of RAS voxel axes
-    pose_deg: float = 10.0  # max rotation about each axis
-    pose_mm: float = 15.0  # max translation along each axis
-    scale: float = 1000.0  # scanner units of the brightest brain tissue
-
+from .config import ConfigError, StageConfig
+from .headmodel import (ATLAS_VERSION, WEIGHTINGS, Site, SubjectSpec, atlas_factor, load_atlas, render_subject,
+                        sample_subject)
+from .volumes import save_json, save_nifti
 
 SITES: dict[str, Site] = {s.name: s for s in (
     # IXI (healthy): Guy's (Philips 1.5 T), Hammersmith (Philips 3 T), IoP (GE 1.5 T)
@@ -93,298 +55,211 @@ DATASET_WEIGHTINGS: dict[str, tuple[str, ...]] = {
 SKULL_STRIPPED = {"BraTS21"}
 
 
-# ----------------------------------------------------------------------------------------------------- atlas
+# ------------------------------------------------------------------------------------------------ the cohort
+
+GENERATOR_VERSION = 1  # bump when rendering changes (existing subjects are then regenerated)
+DATASET_CODES = {"IXI": 0, "BraTS21": 1, "MSLUB": 2, "ATLAS": 3, "WMH": 4}
+PAPER_UNHEALTHY_SIZES = {"BraTS21": [100, 1151], "MSLUB": [10, 20], "ATLAS": [175, 480], "WMH": [15, 45]}
 
 
 @dataclasses.dataclass(frozen=True)
-class Atlas:
-    """Template maps at ``factor`` mm: probabilities ``gm, wm, brain``, ``texture`` (T1 residual / WM mean),
-    ``hull_dist`` (mm, < 0 inside the intracranial hull), ``depth`` (mm inside the brain), ``vent_dist`` (mm to
-    the ventricles); ``affine`` voxel -> template mm; ``brain_center``/``vent_center`` in mm."""
+class SyntheticConfig(StageConfig):
+    """The synthetic cohort; defaults give the split shapes of paper Table 1 at 1 mm.
 
-    factor: int
-    gm: np.ndarray
-    wm: np.ndarray
-    brain: np.ndarray
-    texture: np.ndarray
-    hull_dist: np.ndarray
-    depth: np.ndarray
-    vent_dist: np.ndarray
-    affine: np.ndarray
-    brain_center: np.ndarray
-    vent_center: np.ndarray
-
-
-def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
-    """Average ``factor``³ blocks (edge-padded to a multiple of ``factor``)."""
-    if factor == 1:
-        return volume.astype(np.float32)
-    pad = [(0, (-s) % factor) for s in volume.shape]
-    v = np.pad(volume.astype(np.float32), pad, mode="edge")
-    x, y, z = (s // factor for s in v.shape)
-    return v.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5))
-
-
-def signed_distance(mask: np.ndarray, spacing: float) -> np.ndarray:
-    """Euclidean distance (mm) to the mask's border: positive outside, negative inside."""
-    return (ndimage.distance_transform_edt(~mask, sampling=spacing)
-            - ndimage.distance_transform_edt(mask, sampling=spacing)).astype(np.float32)
-
-
-def mni152_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """nilearn's MNI152 2009 (1 mm) ``t1, gm, wm`` in [0, 1], brain ``mask`` and the affine.
-
-    Read straight from nilearn's package data (what ``nilearn.datasets.load_mni152_*`` return at resolution 1,
-    the mask being ``t1 > 0.2``) without importing ``nilearn.datasets``, which is slow to import.
+    IXI: a train/val pool of ``n_ixi_pool`` subjects; validation fold ``k`` is the ``k``-th chunk of
+    ``n_val_per_fold`` subjects and trains on the rest (358 + 44 in the paper), disjoint folds, plus
+    ``n_ixi_test`` test subjects. ``unhealthy_sizes``: ``{data set: [n_val, n_test]}``.
     """
+
+    seed: int = 0
+    voxel_mm: float = 1.0
+    fov_mm: tuple[float, float, float] = (200.0, 232.0, 208.0)
+    anisotropic: bool = True
+    n_ixi_pool: int = 402
+    n_val_per_fold: int = 44
+    n_folds: int = 5
+    n_ixi_test: int = 158
+    unhealthy_sizes: dict[str, list[int]] = dataclasses.field(
+        default_factory=lambda: {k: list(v) for k, v in PAPER_UNHEALTHY_SIZES.items()})
+    extra_weightings: bool = True
+    n_jobs: int = 2
+
+    def validate(self) -> None:
+        if not 0.5 <= self.voxel_mm <= 8.0:
+            raise ConfigError(f"voxel_mm must lie in [0.5, 8] mm, got {self.voxel_mm}")
+        if self.n_folds < 1 or self.n_val_per_fold < 1 or self.n_folds * self.n_val_per_fold > self.n_ixi_pool:
+            raise ConfigError(f"n_folds ({self.n_folds}) x n_val_per_fold ({self.n_val_per_fold}) must be >= 1 and "
+                              f"fit in n_ixi_pool ({self.n_ixi_pool}): validation folds are disjoint chunks")
+        for name, sizes in self.unhealthy_sizes.items():
+            if name not in PAPER_UNHEALTHY_SIZES:
+                raise ConfigError(f"unhealthy_sizes: unknown data set {name!r}; use {sorted(PAPER_UNHEALTHY_SIZES)}")
+            if (not isinstance(sizes, (list, tuple)) or len(sizes) != 2
+                    or not all(isinstance(n, int) and n >= 0 for n in sizes)):
+                raise ConfigError(f"unhealthy_sizes[{name!r}] must be [n_val, n_test] (integers >= 0), got {sizes!r}")
+        if self.n_ixi_test < 0 or self.n_jobs < 1:
+            raise ConfigError("n_ixi_test must be >= 0 and n_jobs >= 1")
+
+    def signature(self) -> str:
+        """Hash of what changes a subject's volumes (cohort sizes and n_jobs do not)."""
+        keys = ("seed", "voxel_mm", "fov_mm", "anisotropic", "extra_weightings")
+        blob = json.dumps([GENERATOR_VERSION, ATLAS_VERSION, *(self.to_dict()[k] for k in keys)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def subject_name(dataset: str, index: int, site: str) -> str:
+    """Identifiers in each data set's own style: ``IXI012-HH``, ``BraTS2021_00003``, ``patient04``,
+    ``sub-r002s005``, ``Utrecht_7``."""
+    return {"IXI": f"IXI{index + 1:03d}-{site}", "BraTS21": f"BraTS2021_{index:05d}",
+            "MSLUB": f"patient{index + 1:02d}", "ATLAS": f"sub-{site.lower()}s{index + 1:03d}",
+            "WMH": f"{site}_{index}"}[dataset]
+
+
+def plan_cohort(cfg: SyntheticConfig) -> pd.DataFrame:
+    """One row per subject: ``dataset, index, subject_id, site, split`` (IXI pool subjects: ``split='pool'``)."""
+    rows = []
+    for i in range(cfg.n_ixi_pool + cfg.n_ixi_test):
+        site = DATASET_SITES["IXI"][i % 3]
+        rows.append(("IXI", i, subject_name("IXI", i, site), site, "pool" if i < cfg.n_ixi_pool else "test"))
+    for dataset, (n_val, n_test) in cfg.unhealthy_sizes.items():
+        sites = DATASET_SITES[dataset]
+        for i in range(n_val + n_test):
+            site = sites[i % len(sites)]
+            rows.append((dataset, i, subject_name(dataset, i, site), site, "val" if i < n_val else "test"))
+    return pd.DataFrame(rows, columns=["dataset", "index", "subject_id", "site", "split"])
+
+
+def subject_spec(cfg: SyntheticConfig, dataset: str, index: int, site: str) -> SubjectSpec:
+    """The subject ``index`` of ``dataset``: deterministic from ``(cfg.seed, dataset, index)``."""
+    rng = np.random.default_rng([cfg.seed, DATASET_CODES[dataset], index])
+    return sample_subject(SITES[site], rng, voxel_mm=cfg.voxel_mm, dataset=dataset,
+                          subject_id=subject_name(dataset, index, site), weightings=cohort_weightings(cfg, dataset),
+                          lesion_kind=lesions.DATASET_KIND.get(dataset, ""), skull_stripped=dataset in SKULL_STRIPPED,
+                          fov_mm=cfg.fov_mm, anisotropic=cfg.anisotropic)
+
+
+def cohort_weightings(cfg: SyntheticConfig, dataset: str) -> tuple[str, ...]:
+    """Weightings written for ``dataset``: IXI both; the others their evaluation weighting (+ T1 for BraTS21 and
+    MSLUB with ``extra_weightings``)."""
+    return DATASET_WEIGHTINGS[dataset][: None if cfg.extra_weightings or dataset == "IXI" else 1]
+
+
+def subject_files(spec_dataset: str, subject_id: str, weightings: tuple[str, ...]) -> dict[str, str]:
+    """Relative paths (to the source folder) of a subject's files: ``raw/<dataset>/<subject>/<name>.nii.gz``."""
+    folder = f"raw/{spec_dataset}/{subject_id}"
+    names = [*weightings, "brain_mask"] + ([] if spec_dataset == "IXI" else ["seg"])
+    return {n: f"{folder}/{n}.nii.gz" for n in names}
+
+
+def write_subject(cfg: SyntheticConfig, dataset: str, index: int, site: str, out_dir: str | Path) -> dict:
+    """Render one subject and write its NIfTIs and ``subject.json`` (last, so a partial subject is redone)."""
+    out_dir = Path(out_dir)
+    spec = subject_spec(cfg, dataset, index, site)
+    vols = render_subject(spec)
+    files = subject_files(dataset, spec.subject_id, spec.weightings)
+    for name, rel in files.items():
+        save_nifti(vols[name], vols["affine"], out_dir / rel, dtype=np.int16 if name in WEIGHTINGS else np.uint8)
+    voxel_ml = float(abs(np.linalg.det(vols["affine"][:3, :3]))) / 1000.0
+    info = {"signature": cfg.signature(), "dataset": dataset, "index": index, "site": site,
+            "subject_id": spec.subject_id, "files": files, "shape": list(spec.shape),
+            "lesion_kind": vols["lesion"].kind if vols["lesion"] else "",
+            "lesion_ml": float(vols["seg"].sum() * voxel_ml), "brain_ml": float(vols["brain_mask"].sum() * voxel_ml)}
+    save_json(info, out_dir / f"raw/{dataset}/{spec.subject_id}/subject.json")
+    return info
+
+
+def subject_done(cfg: SyntheticConfig, out_dir: Path, dataset: str, subject_id: str) -> bool:
+    """A subject is skipped when its ``subject.json`` matches ``cfg.signature()`` and its files exist."""
+    record = out_dir / f"raw/{dataset}/{subject_id}/subject.json"
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("signature") == cfg.signature() and all((out_dir / p).is_file() for p in info["files"].values())
+
+
+def _write_subject_task(task: tuple) -> dict:
+    return write_subject(*task)
+
+
+def generate_cohort(cfg: SyntheticConfig, out_dir: str | Path, *, progress: bool = True) -> pd.DataFrame:
+    """Write the cohort under ``out_dir/raw/`` plus ``out_dir/raw_manifest.csv`` (relative paths); return the
+    manifest with absolute paths (:func:`manifests.load_manifest`).
+
+    Subjects already written with the same :meth:`SyntheticConfig.signature` are skipped (resumable).
+    ``cfg.n_jobs`` processes render subjects in parallel; results do not depend on ``n_jobs``.
+    """
+    from . import manifests
+
+    out_dir = Path(out_dir)
+    gen_cfg = SyntheticConfig.from_params({k: getattr(cfg, k) for k in SyntheticConfig.field_names()})
+    plan = plan_cohort(gen_cfg)
+    todo = [(gen_cfg, r.dataset, int(r.index), r.site, str(out_dir)) for r in plan.itertuples()
+            if not subject_done(gen_cfg, out_dir, r.dataset, r.subject_id)]
+    load_atlas(atlas_factor(gen_cfg.voxel_mm))  # built once (and cached on disk) before any worker starts
+    bar = tqdm(total=len(todo), desc="synthetic subjects", disable=not progress or not todo)
+    if gen_cfg.n_jobs > 1 and len(todo) > 2 * gen_cfg.n_jobs:
+        with ProcessPoolExecutor(gen_cfg.n_jobs, mp_context=get_context("spawn")) as pool:
+            for _ in pool.map(_write_subject_task, todo, chunksize=2):
+                bar.update()
+    else:
+        for task in todo:
+            _write_subject_task(task)
+            bar.update()
+    bar.close()
+    path = manifests.write_manifest(cohort_manifest(gen_cfg, plan), out_dir / "raw_manifest.csv")
+    return manifests.load_manifest(path)
+
+
+def cohort_manifest(cfg: SyntheticConfig, plan: pd.DataFrame) -> pd.DataFrame:
+    """Manifest rows (architecture schema) of a planned cohort; IXI pool subjects get one row per fold."""
+    rows = []
+    for r in plan.itertuples():
+        files = subject_files(r.dataset, r.subject_id, cohort_weightings(cfg, r.dataset))
+        base = {"dataset": r.dataset, "subject_id": r.subject_id, "t1": files.get("t1", ""),
+                "t2": files.get("t2", ""), "brain_mask": files["brain_mask"], "seg": files.get("seg", ""),
+                "site": r.site, "skull_stripped": int(r.dataset in SKULL_STRIPPED), "healthy": int(r.dataset == "IXI")}
+        if r.split == "pool":
+            for k in range(cfg.n_folds):
+                val = k * cfg.n_val_per_fold <= r.index < (k + 1) * cfg.n_val_per_fold
+                rows.append({**base, "split": "val" if val else "train", "fold": k})
+        else:
+            rows.append({**base, "split": r.split, "fold": -1})
+    from .manifests import COLUMNS
+
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def plot_montage(manifest: pd.DataFrame, weightings: tuple[str, ...] = ("t2", "t1"), datasets: tuple[str, ...] = (
+        "IXI", "BraTS21", "MSLUB", "ATLAS", "WMH")):
+    """One example per data set (rows) and weighting (columns) from a manifest with absolute paths: the axial
+    slice through the lesion's largest cross-section (mid-volume for healthy subjects), the segmentation
+    outlined in red. Volumes are reoriented to RAS first, so real scans in any orientation show axially.
+    Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
     import nibabel as nib
-    import nilearn
 
-    folder = Path(nilearn.__file__).parent / "datasets" / "data"
-    vols = []
-    for name in ("t1", "gm", "wm"):
-        path = folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: nilearn's MNI152 template is missing; reinstall nilearn>=0.10")
-        img = nib.load(str(path))
-        vol = np.asarray(img.dataobj, np.float32)
-        vols.append(vol / vol.max())
-    return vols[0], vols[1], vols[2], vols[0] > 0.2, np.asarray(img.affine, float)
-
-
-@lru_cache(maxsize=4)
-def load_atlas(factor: int = 2) -> Atlas:
-    """The template maps averaged to ``factor`` mm, plus texture, hull distance, depth and ventricles."""
-    if factor not in (1, 2, 3, 4):
-        raise ValueError(f"atlas factor must be 1-4 mm, got {factor}")
-    t1, gm, wm, mask, affine = mni152_maps()
-    gm, wm = gm * mask, wm * mask
-    csf = np.clip(mask - gm - wm, 0, 1)
-    design = np.stack([gm[mask], wm[mask], csf[mask]], 1)
-    coef = np.linalg.lstsq(design, t1[mask], rcond=None)[0]
-    texture = np.zeros_like(t1)
-    texture[mask] = (t1[mask] - design @ coef) / coef[1]  # residual in units of the WM mean
-    gm, wm, brain, texture = (block_mean(v, factor) for v in (gm, wm, mask, texture))
-    affine = affine @ np.diag([factor, factor, factor, 1.0])
-    affine[:3, 3] += affine[:3, :3] @ np.full(3, (factor - 1) / (2.0 * factor))  # block centres
-    inside = brain > 0.5
-    outer = ndimage.distance_transform_edt(~inside, sampling=factor) > 5.0  # closing by 5 mm
-    hull = ndimage.binary_fill_holes(ndimage.distance_transform_edt(~outer, sampling=factor) > 5.0)
-    depth = ndimage.distance_transform_edt(inside, sampling=factor).astype(np.float32)
-    ventricles = (np.clip(brain - gm - wm, 0, 1) > 0.5) & (depth > 10.0)
-    labels, n = ndimage.label(ventricles)
-    sizes = ndimage.sum(ventricles, labels, range(1, n + 1)) * factor ** 3
-    ventricles = np.isin(labels, 1 + np.flatnonzero(sizes >= 1000.0))  # components >= 1 ml
-    to_mm = lambda ijk: affine[:3, :3] @ ijk + affine[:3, 3]  # noqa: E731
-    return Atlas(factor, gm, wm, brain, texture, signed_distance(hull, factor), depth,
-                 ndimage.distance_transform_edt(~ventricles, sampling=factor).astype(np.float32), affine,
-                 to_mm(np.argwhere(inside).mean(0)), to_mm(np.argwhere(ventricles).mean(0)))
-
-
-def atlas_factor(voxel_mm: float) -> int:
-    """Template resolution used for an output voxel size: the nearest of 1–4 mm."""
-    return int(np.clip(round(voxel_mm), 1, 4))
-
-
-def sample_map(volume: np.ndarray, atlas: Atlas, u: np.ndarray) -> np.ndarray:
-    """Trilinear value of a template map at template mm ``u [3, N]`` (edges extend: the neck continues)."""
-    inv = np.linalg.inv(atlas.affine)
-    ijk = inv[:3, :3] @ u + inv[:3, 3:4]
-    return ndimage.map_coordinates(volume, ijk, order=1, mode="nearest").astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------------ a subject
-
-
-@dataclasses.dataclass(frozen=True)
-class SubjectSpec:
-    """Everything random about one subject (drawn by :func:`sample_subject`)."""
-
-    dataset: str
-    subject_id: str
-    site: Site
-    weightings: tuple[str, ...]
-    skull_stripped: bool
-    shape: tuple[int, int, int]
-    affine: np.ndarray  # raw grid voxel -> scanner mm
-    pose: np.ndarray  # [4, 4] scanner mm -> template mm of the undeformed head (backward map)
-    anatomy: np.ndarray  # [4, 4] small affine (backward, about the brain centre)
-    displacement: np.ndarray  # [3, a, b, c] mm on a 24 mm control grid over the template
-    ventricle_scale: float  # > 0: larger ventricles
-    shell_scale: float  # skull/scalp thickness factor
-    means: dict[str, dict[str, float]]  # weighting -> tissue -> mean
-    bias: np.ndarray  # [10] coefficients of the log bias polynomial
-    seed: int  # noise and lesion re-draws
-    lesion: lesions.LesionSpec | None
-
-
-def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
-    """Rotation about x, then y, then z (degrees)."""
-    a, b, c = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def raw_grid(voxel_mm: float, fov_mm: tuple[float, float, float], site: Site, anisotropic: bool
-             ) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Shape and affine of a site's raw grid, centred on scanner (0, 0, 0)."""
-    spacing = np.array([voxel_mm, voxel_mm, voxel_mm * (site.slice_factor if anisotropic else 1.0)])
-    shape = tuple(int(np.ceil(f / s)) for f, s in zip(fov_mm, spacing))
-    affine = np.diag([*(spacing * [-1.0 if site.flip_x else 1.0, 1.0, 1.0]), 1.0])
-    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
-    return shape, affine
-
-
-def sample_subject(dataset: str, subject_id: str, site: str, rng: np.random.Generator, *, voxel_mm: float,
-                   fov_mm: tuple[float, float, float] = (192.0, 224.0, 200.0), anisotropic: bool = True,
-                   weightings: tuple[str, ...] | None = None, lesion_kind: str | None = None) -> SubjectSpec:
-    """Draw one subject of ``dataset`` at ``site``; ``lesion_kind`` defaults to the data set's pathology."""
-    s = SITES[site]
-    shape, affine = raw_grid(voxel_mm, fov_mm, s, anisotropic)
-    pose = np.eye(4)
-    rot = rotation_matrix(rng.uniform(-1, 1, 3) * s.pose_deg * np.array([1.0, 0.5, 0.5]))
-    pose[:3, :3] = rot.T
-    pose[:3, 3] = HEAD_CENTER_MM - rot.T @ (rng.uniform(-1, 1, 3) * s.pose_mm)
-    atlas = load_atlas(atlas_factor(voxel_mm))
-    m = rotation_matrix(rng.uniform(-3, 3, 3)) @ np.diag(rng.uniform(0.92, 1.08) * rng.uniform(0.96, 1.04, 3))
-    anatomy = np.eye(4)
-    anatomy[:3, :3] = m
-    anatomy[:3, 3] = atlas.brain_center - m @ atlas.brain_center
-    means = {w: {t: BASE_MEANS[w][t] * s.contrast.get(w, {}).get(t, 1.0) * rng.uniform(0.97, 1.03)
-                 for t in TISSUES} for w in WEIGHTINGS}
-    kind = lesion_kind if lesion_kind is not None else lesions.DATASET_KIND.get(dataset)
-    lesion = lesions.sample_lesion(kind, rng, atlas, min_radius_mm=0.8 * voxel_mm) if kind else None
-    return SubjectSpec(dataset, subject_id, s, tuple(weightings or DATASET_WEIGHTINGS[dataset]),
-                       dataset in SKULL_STRIPPED, shape, affine, pose, anatomy,
-                       rng.normal(0.0, 2.0, (3, 10, 12, 11)), float(rng.uniform(-0.15, 0.35)),
-                       float(rng.uniform(0.8, 1.25)), means, rng.normal(0, 1, 10) * s.bias,
-                       int(rng.integers(2 ** 31)), lesion)
-
-
-def _upsample2(field: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Exact trilinear upsampling by 2 of ``[C, a, b, c]`` sampled at even voxel indices -> ``[C, *shape]``."""
-    for axis in (1, 2, 3):
-        f = np.moveaxis(field, axis, 0)
-        out = np.empty((2 * f.shape[0] - 1, *f.shape[1:]), f.dtype)
-        out[0::2], out[1::2] = f, 0.5 * (f[:-1] + f[1:])
-        field = np.moveaxis(out, 0, axis)
-    return field[:, :shape[0], :shape[1], :shape[2]]
-
-
-def template_coords(spec: SubjectSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Template mm of every raw voxel: ``(u_lesion, u_anatomy)``, each ``[3, N]`` (before/after mass effect).
-
-    The smooth chain (pose, affine, displacement, ventricles, mass effect) is evaluated on every second voxel
-    and upsampled trilinearly (exact on that grid; the chain varies over centimetres).
-    """
-    step = 2 if spec.affine[2, 2] <= 2.5 else 1
-    coarse = [np.arange(0, n + step, step)[: (n - 1) // step + 2] for n in spec.shape]
-    ijk = np.stack(np.meshgrid(*coarse, indexing="ij")).reshape(3, -1).astype(np.float64)
-    chain = spec.anatomy @ spec.pose @ spec.affine
-    u = chain[:3, :3] @ ijk + chain[:3, 3:4]
-    lo, step_mm = np.array([-110.0, -150.0, -110.0]), 24.0  # control grid of the displacement
-    ctrl = (u - lo[:, None]) / step_mm
-    u = u + np.stack([ndimage.map_coordinates(c, ctrl, order=3, mode="nearest") for c in spec.displacement])
-    vc = load_atlas(atlas_factor(abs(spec.affine[1, 1]))).vent_center[:, None]
-    d = u - vc
-    u = vc + d * (1.0 - spec.ventricle_scale * np.exp(-(d ** 2).sum(0) / (2 * 20.0 ** 2)))
-    both = np.concatenate([u, lesions.mass_effect(spec.lesion, u)]).astype(np.float32)
-    if step == 2:
-        both = _upsample2(both.reshape(6, *(len(c) for c in coarse)), spec.shape)
-    both = both.reshape(6, -1)
-    return both[:3], both[3:]
-
-
-def _ramp(x: np.ndarray, width: float) -> np.ndarray:
-    return np.clip(0.5 + x / width, 0.0, 1.0)
-
-
-def tissue_weights(spec: SubjectSpec, atlas: Atlas, u: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-    """Fractions of each tissue ``[N]`` per raw voxel, plus sampled ``gm, wm, brain, texture`` maps."""
-    n, width = u.shape[1], float(atlas.factor)
-    dist = sample_map(atlas.hull_dist, atlas, u)
-    near = np.flatnonzero(dist < width)
-    maps = {k: np.zeros(n, np.float32) for k in ("gm", "wm", "brain", "texture")}
-    for k in maps:
-        maps[k][near] = sample_map(getattr(atlas, k), atlas, u[:, near])
-    outside = _ramp(dist, width)
-    w = {t: np.zeros(n, np.float32) for t in TISSUES}
-    w["gm"], w["wm"] = maps["gm"] * (1 - outside), maps["wm"] * (1 - outside)
-    w["csf"] = np.clip((1 - outside) - w["gm"] - w["wm"], 0, 1)
-    r = np.sqrt(((u[0] - 0.0) / 55.0) ** 2 + ((u[1] + 25.0) / 60.0) ** 2)  # neck: elliptic cylinder
-    neck_depth = (1.0 - r) * 57.0 * _ramp(-40.0 - u[2], 10.0)
-    neck = _ramp(neck_depth, width) * outside
-    edge = 0.0
-    for tissue, thickness in SHELLS:
-        inner, edge = edge, edge + thickness * spec.shell_scale
-        w[tissue] += (_ramp(dist - inner, width) - _ramp(dist - edge, width)) * (1 - neck)
-    w["muscle"] += neck * _ramp(neck_depth - 7.0, width)
-    w["fat"] += neck * (_ramp(neck_depth - 1.0, width) - _ramp(neck_depth - 7.0, width))
-    w["skin"] += neck * (1 - _ramp(neck_depth - 1.0, width))
-    return w, maps
-
-
-def bias_field(spec: SubjectSpec) -> np.ndarray:
-    """Smooth multiplicative field ``[N]`` in scanner coordinates (exp of a quadratic polynomial)."""
-    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in spec.shape], indexing="ij")).reshape(3, -1)
-    x, y, z = (spec.affine[:3, :3] @ ijk + spec.affine[:3, 3:4]) / 100.0
-    terms = np.stack([x, y, z, x * x, y * y, z * z, x * y, x * z, y * z, np.ones_like(x)])
-    return np.exp(np.tensordot(spec.bias * np.r_[np.ones(3), 0.5 * np.ones(6), 0.0], terms, 1)).astype(np.float32)
-
-
-def render_subject(spec: SubjectSpec, *, with_lesion: bool = True, min_lesion_voxels: int = 3) -> dict:
-    """Render a subject's raw volumes.
-
-    Returns ``{"t1"/"t2": int16 [X, Y, Z] scanner units, "brain_mask": uint8, "seg": uint8, "affine": [4, 4],
-    "lesion": LesionSpec | None}``. With ``with_lesion=False`` the same subject (same anatomy, mass effect and
-    noise) without the lesion's intensity change: the two differ exactly on ``seg``. A lesion that covers fewer
-    than ``min_lesion_voxels`` output voxels is redrawn (deterministically from ``spec.seed``).
-    """
-    atlas = load_atlas(atlas_factor(abs(spec.affine[1, 1])))
-    u_lesion, u = template_coords(spec)
-    w, maps = tissue_weights(spec, atlas, u)
-    brain = maps["brain"] > 0.5
-    lesion, weight, index, rho = spec.lesion, None, None, None
-    for attempt in range(20 if lesion is not None else 0):
-        weight, index, rho = lesions.lesion_field(lesion, u_lesion, u)
-        weight[~lesions.allowed_tissue(lesion.kind, brain, maps["gm"], maps["wm"])] = 0.0
-        if (weight > 0).sum() >= min_lesion_voxels:
-            break
-        lesion = lesions.sample_lesion(lesion.kind, np.random.default_rng([spec.seed, attempt]), atlas,
-                                       min_radius_mm=0.8 * abs(spec.affine[1, 1]))
-        lesion = dataclasses.replace(lesion, mass_effect=spec.lesion.mass_effect)
-    seg = weight > 0 if weight is not None else np.zeros(u.shape[1], bool)
-    noise_rng = np.random.default_rng(spec.seed)
-    bias = bias_field(spec)
-    spacing = np.linalg.norm(spec.affine[:3, :3], axis=0)
-    out = {"affine": spec.affine, "brain_mask": brain.reshape(spec.shape).astype(np.uint8),
-           "seg": seg.reshape(spec.shape).astype(np.uint8), "lesion": lesion}
-    for weighting in WEIGHTINGS:  # both drawn so that noise does not depend on which are written
-        means = spec.means[weighting]
-        clean = sum(w[t] * means[t] for t in TISSUES)
-        gain = means["wm"] if weighting == "t1" else -0.8 * means["gm"]
-        clean = (clean + gain * maps["texture"]).reshape(spec.shape)
-        clean = ndimage.gaussian_filter(clean, spec.site.blur_mm / spacing).ravel()
-        healthy = clean
-        if seg.any() and with_lesion:
-            target = lesions.target_intensity(lesion, weighting, means, index, rho) * (1 + 0.5 * maps["texture"])
-            clean = lesions.insert_lesion(clean, weight, target)
-        ref = max(means["wm"], means["csf"])
-        n1, n2 = noise_rng.standard_normal((2, clean.size), dtype=np.float32) * spec.site.noise * ref
-        scale = spec.site.scale / ref
-        final = _quantise(np.sqrt((clean * bias + n1) ** 2 + n2 ** 2) * scale)
-        if seg.any() and with_lesion:  # a change lost to rounding is kept as one scanner unit
-            base = _quantise(np.sqrt((healthy * bias + n1) ** 2 + n2 ** 2) * scale)
-            same = seg & (final == base)
-            final[same] = np.clip(base[same] + np.where(clean[same] >= healthy[same], 1, -1), 0, 32767)
-        if spec.skull_stripped:
-            final = final * brain
-        if weighting in spec.weightings:
-            out[weighting] = final.reshape(spec.shape).astype(np.int16)
-    return out
-
-
-def _quantise(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 32767).astype(np.int16)
+    present = [d for d in datasets if (manifest["dataset"] == d).any()]
+    fig, axes = plt.subplots(len(present), len(weightings), figsize=(2.6 * len(weightings), 2.6 * len(present)),
+                             squeeze=False)
+    for r, dataset in enumerate(present):
+        rows = manifest[manifest["dataset"] == dataset]
+        row = rows.sort_values("split", key=lambda s: s != "test").iloc[0]
+        seg = (np.asarray(nib.as_closest_canonical(nib.load(row["seg"])).dataobj) > 0) if row["seg"] else None
+        for c, weighting in enumerate(weightings):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if not row[weighting]:
+                ax.text(0.5, 0.5, f"no {weighting.upper()}", ha="center", va="center", transform=ax.transAxes)
+                continue
+            img = nib.as_closest_canonical(nib.load(row[weighting]))
+            vol = np.asarray(img.dataobj, np.float32)
+            z = (int(np.argmax(seg.sum((0, 1)))) if seg is not None and seg.shape == vol.shape and seg.any()
+                 else vol.shape[2] // 2)
+            zoom = img.header.get_zooms()[:2]
+            ax.imshow(vol[:, :, z].T, cmap="gray", origin="lower", aspect=zoom[1] / zoom[0],
+                      vmax=np.percentile(vol, 99.5))
+            if seg is not None and seg.shape == vol.shape and seg[:, :, z].any():
+                ax.contour(seg[:, :, z].T, [0.5], colors="red", linewidths=0.7)
+            ax.set_title(f"{dataset} {weighting.upper()} ({row['site']})", fontsize=8)
+    fig.tight_layout()
+    return fig

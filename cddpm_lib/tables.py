@@ -100,9 +100,10 @@ def _pivot(sbs: pd.DataFrame, rows: Sequence[str], cols: Sequence[str]):
     return row_keys, col_keys, index
 
 
-def to_wide(sbs: pd.DataFrame, rows: Sequence[str], cols: Sequence[str]) -> pd.DataFrame:
+def to_wide(sbs: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
     """The paper's layout as numbers (for CSV): ``rows`` keys, then per column cell (``cols`` joined by a space)
-    ``<cell>, <cell> ±, <cell> *, <cell> paper, <cell> paper ±, <cell> Δ``."""
+    ``<cell>, <cell> ±, <cell> *, <cell> paper, <cell> paper ±, <cell> Δ`` and ``<cell> <extra>`` for each
+    further column named in ``extra``."""
     row_keys, col_keys, index = _pivot(sbs, rows, cols)
     out = []
     for rk in row_keys:
@@ -114,6 +115,7 @@ def to_wide(sbs: pd.DataFrame, rows: Sequence[str], cols: Sequence[str]) -> pd.D
             rec.update({name: get("mean"), f"{name} ±": get("std"), f"{name} *": get("star"),
                         f"{name} paper": get("paper_mean"), f"{name} paper ±": get("paper_std"),
                         f"{name} Δ": get("diff")})
+            rec.update({f"{name} {e}": get(e) for e in extra})
         out.append(rec)
     return pd.DataFrame(out)
 
@@ -128,16 +130,17 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def to_markdown(sbs: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], *, title: str = "", note: str = "",
-                digits: int = 2, row_label: Callable[[pd.Series], str] | None = None) -> str:
-    """The paper's layout as Markdown: one line per row key, one column per ``cols`` key, cells from
-    :func:`format_cell` (ours, then the paper's value and the difference)."""
+                digits: int = 2, cell: Callable[[pd.Series, int], str] | None = None) -> str:
+    """The paper's layout as Markdown: one line per row key, one column per ``cols`` key, cells from ``cell``
+    (default :func:`format_cell`: ours, then the paper's value and the difference)."""
+    cell = cell or format_cell
     row_keys, col_keys, index = _pivot(sbs, rows, cols)
     table = []
     for rk in row_keys:
         rec = {k: _label(v) for k, v in zip(rows, rk)}
         for ck in col_keys:
             r = index.get((rk, ck))
-            rec[" ".join(str(c) for c in ck)] = "–" if r is None else format_cell(r, digits)
+            rec[" ".join(str(c) for c in ck)] = "–" if r is None else cell(r, digits)
         table.append(rec)
     text = markdown_table(pd.DataFrame(table))
     parts = [f"## {title}\n" if title else "", text, f"\n{note}" if note else ""]

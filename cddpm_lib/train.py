@@ -18,6 +18,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -133,12 +134,13 @@ def plot_history(history: pd.DataFrame, title: str = ""):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for col in [c for c in history.columns if c.startswith("train_")]:
         ax.plot(history["step"], history[col], lw=1, label=col.replace("_", " "))
-    val = history.dropna(subset=["val_loss"])
+    val = history[np.isfinite(history["val_loss"])]
     if len(val):
         ax.plot(val["step"], val["val_loss"], "o-", ms=3, label="val loss")
         best = val.loc[val["val_loss"].idxmin()]
         ax.axvline(best["step"], color="grey", ls=":", lw=1, label=f"best (step {int(best['step'])})")
-    if (history.filter(like="loss") > 0).all(axis=None):
+    losses = history.filter(like="loss").to_numpy()
+    if (losses[np.isfinite(losses)] > 0).all():
         ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend(fontsize=8)
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]))
     params = {k: yaml.safe_load(v) for k, v in pairs.items()}
     profile = params.get("profile", "quick")
-    params = {**profile_params("training", profile), **params, "profile": profile}
+    fields = set(TrainConfig.field_names())  # the profile also holds notebook-only display parameters
+    defaults = {k: v for k, v in profile_params("training", profile).items() if k in fields}
+    params = {**defaults, **params, "profile": profile}
     ctx = init_distributed()
     try:
         result = train(TrainConfig.from_params(params), log=print if ctx.rank == 0 else (lambda *_: None))

@@ -37,11 +37,19 @@ def test_contrast_rejects_non_positive_levels():
 
 
 def test_crop_keeps_left_fraction_of_width():
-    x = torch.ones(1, 1, 4, 10)
+    x = torch.ones(1, 1, 10, 4)  # [B, 1, X, Y]: width is X
     half = C.crop_width(x, 0.5)
-    assert half[..., :5].eq(1).all() and half[..., 5:].eq(0).all()
+    assert half[..., :5, :].eq(1).all() and half[..., 5:, :].eq(0).all()
     assert x.eq(1).all(), "input must not be modified"
-    np.testing.assert_array_equal(C.crop_width(np.ones((3, 8)), 1.0), np.ones((3, 8)))
+    np.testing.assert_array_equal(C.crop_width(np.ones((8, 3)), 1.0), np.ones((8, 3)))
+    last = C.crop_width(np.ones((2, 10)), 0.3, axis=-1)
+    assert last[:, :3].all() and not last[:, 3:].any()
+
+
+def test_crop_is_left_half_in_the_figure_orientation():
+    x = np.ones((8, 6))
+    shown = np.rot90(C.crop_width(x, 0.5))  # as plot_conditioning displays it
+    assert shown[:, :4].all() and not shown[:, 4:].any()
     with pytest.raises(ValueError, match="crop fraction"):
         C.crop_width(x, 0.0)
 
@@ -70,7 +78,7 @@ def test_grid_shapes_and_inputs():
     assert len(grid.columns) == 3 + 2 + 3
     assert all(p.shape == (2, 8, 8) for p in grid.panels.values())
     np.testing.assert_allclose(grid.panels["input x^cl"][1], (img * mask) ** 2, rtol=1e-6)
-    assert np.all(grid.panels["conditioning 50 %"][:, :, 4:] == 0)
+    assert np.all(grid.panels["conditioning 50 %"][:, 4:, :] == 0)
     np.testing.assert_allclose(grid.panels["conditioning 100 %"], grid.panels["input x^cl"])
 
 
@@ -81,7 +89,7 @@ def test_cddpm_sees_cropped_conditioning_and_ddpm_none():
                                      t_half=500, t_full=1000)
     assert [c["t_test"] for c in cddpm.calls] == [500, 1000, 500, 1000]
     assert all(c["cond"] is not None for c in cddpm.calls)
-    assert cddpm.calls[0]["cond"][..., 4:].eq(0).all()
+    assert cddpm.calls[0]["cond"][..., 4:, :].eq(0).all()
     assert [c["cond"] for c in ddpm.calls] == [None] and ddpm.calls[0]["t_test"] == 1000
     # the stand-in reconstructs the conditioning mean: the 50 % crop gives a darker image
     assert grid.panels["cDDPM 50 %, t=500"].mean() < grid.panels["cDDPM 100 %, t=500"].mean()
