@@ -97,10 +97,11 @@ def run_ablation(cfg: PostprocessingAblationConfig, index: pd.DataFrame, log=pri
         val, test = grp[grp["split"] == "val"]["npz"].tolist(), grp[grp["split"] == "test"]["npz"].tolist()
         if not val or not test:
             continue
+        cache: dict = {}
         for removed in ("none", *cfg.removed):
             reduced = spec if removed == "none" else spec.without(removed)
             scores, info = evaluate_run(val, test, reduced, method=cfg.threshold_search, steps=cfg.bisection_steps,
-                                        median_backend=backend, extras=False)
+                                        median_backend=backend, extras=False, cache=cache)
             out.append({**dict(zip(keys, key)), "removed": removed, "steps": " → ".join(reduced.steps),
                         "value": 100.0 * float(scores["dice"].mean()), "threshold": info["threshold"]})
         log(f"[ablation] {key[0]} fold {key[4]} {key[5]}: done")

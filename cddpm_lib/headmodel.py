@@ -227,23 +227,22 @@ def sample_subject(site: Site, rng: np.random.Generator, *, voxel_mm: float, dat
                    skull_stripped: bool = False, fov_mm: tuple[float, float, float] = (200.0, 232.0, 208.0),
                    anisotropic: bool = True) -> SubjectSpec:
     """Draw one subject scanned at ``site``; ``lesion_kind`` one of :data:`lesions.KINDS` or ``""`` (healthy)."""
-    s = site
-    shape, affine = raw_grid(voxel_mm, fov_mm, s, anisotropic)
+    shape, affine = raw_grid(voxel_mm, fov_mm, site, anisotropic)
     pose = np.eye(4)
-    rot = rotation_matrix(rng.uniform(-1, 1, 3) * s.pose_deg * np.array([1.0, 0.5, 0.5]))
+    rot = rotation_matrix(rng.uniform(-1, 1, 3) * site.pose_deg * np.array([1.0, 0.5, 0.5]))
     pose[:3, :3] = rot.T
-    pose[:3, 3] = HEAD_CENTER_MM - rot.T @ (rng.uniform(-1, 1, 3) * s.pose_mm)
+    pose[:3, 3] = HEAD_CENTER_MM - rot.T @ (rng.uniform(-1, 1, 3) * site.pose_mm)
     atlas = load_atlas(atlas_factor(voxel_mm))
     m = rotation_matrix(rng.uniform(-3, 3, 3)) @ np.diag(rng.uniform(0.95, 1.05) * rng.uniform(0.97, 1.03, 3))
     anatomy = np.eye(4)
     anatomy[:3, :3] = m
     anatomy[:3, 3] = atlas.brain_center - m @ atlas.brain_center
-    means = {w: {t: BASE_MEANS[w][t] * s.contrast.get(w, {}).get(t, 1.0) * rng.uniform(0.97, 1.03)
+    means = {w: {t: BASE_MEANS[w][t] * site.contrast.get(w, {}).get(t, 1.0) * rng.uniform(0.97, 1.03)
                  for t in TISSUES} for w in WEIGHTINGS}
     lesion = lesions.sample_lesion(lesion_kind, rng, atlas, min_radius_mm=0.8 * voxel_mm) if lesion_kind else None
-    return SubjectSpec(dataset, subject_id, s, tuple(weightings), bool(skull_stripped), shape, affine, pose, anatomy,
-                       random_displacement(rng), float(rng.uniform(-0.15, 0.35)),
-                       float(rng.uniform(0.8, 1.25)), means, rng.normal(0, 1, 10) * s.bias,
+    return SubjectSpec(dataset, subject_id, site, tuple(weightings), bool(skull_stripped), shape, affine, pose,
+                       anatomy, random_displacement(rng), float(rng.uniform(-0.1, 0.3)),
+                       float(rng.uniform(0.8, 1.25)), means, rng.normal(0, 1, 10) * site.bias,
                        int(rng.integers(2 ** 31)), lesion)
 
 

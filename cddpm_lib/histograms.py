@@ -285,10 +285,11 @@ def plot_histograms(pairs: dict[tuple, HistogramPair], cfg: DomainShiftConfig):
                 ax.set_ylabel(f"{quality.model_label(spec)}\ndensity", fontsize=8)
             if i == 1:
                 ax.set_xlabel("intensity", fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"Input vs reconstruction histograms ({cfg.n_bins} bins, fold {cfg.figure_fold}; "
                  f"BraTS21: healthy-annotated voxels) — paper Fig. 3", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
 

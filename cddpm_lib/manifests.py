@@ -52,8 +52,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        rows = ",".join(map(str, self.rows[:5])) + ("…" if len(self.rows) > 5 else "")
         where = f"{self.column} {self.path}: " if self.path else (f"{self.column}: " if self.column else "")
+        if not self.rows:
+            return f"{where}{self.message}"
+        rows = ",".join(map(str, self.rows[:5])) + ("…" if len(self.rows) > 5 else "")
         return f"row {rows} ({self.dataset}/{self.subject_id}) {where}{self.message}"
 
 
@@ -86,7 +88,7 @@ def schema_problems(df: pd.DataFrame) -> list[str]:
         except ValueError:
             out.append(f"{where(i, 'fold')}: {r.fold!r} is not an integer")
             fold = None
-        if fold is not None:
+        if fold is not None and r.dataset in DATASETS and r.split in SPLITS:
             cv = r.dataset == HEALTHY and r.split in ("train", "val")
             if cv and not 0 <= fold <= MAX_FOLD:
                 out.append(f"{where(i, 'fold')}: IXI {r.split} rows need a fold in 0-{MAX_FOLD}, got {fold}")
@@ -163,7 +165,8 @@ def select(df: pd.DataFrame, dataset: str | Iterable[str] | None = None, split: 
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """Schema-check and write ``df`` (columns in schema order) atomically. With ``root``, absolute paths under
     it are written relative to it (a generated manifest: ``root`` = its folder, see :func:`default_root`)."""
-    df = check_schema(df.astype({c: str for c in COLUMNS}).reset_index(drop=True), str(path))[list(COLUMNS)]
+    df = df.astype({c: str for c in COLUMNS if c in df.columns}).reset_index(drop=True)
+    df = check_schema(df, str(path))[list(COLUMNS)]
     if root is not None:
         root = Path(root).resolve()
         for c in PATH_COLUMNS:

@@ -215,18 +215,30 @@ def median_backend_for(device: str) -> str:
 
 def evaluate_run(val_paths: Sequence[str], test_paths: Sequence[str], spec: PostprocessingSpec, *,
                  method: str = "bisection", steps: int = 10, region: str = "volume", median_backend: str = "numpy",
-                 extras: bool = True) -> tuple[pd.DataFrame, dict]:
+                 extras: bool = True, cache: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Threshold on the pooled validation voxels, then per test volume: ``dice`` (at that threshold, CC filter if
     in ``spec``), ``auprc``, ``auroc`` and — ``extras`` — ``dice_other`` (the other search's threshold) and
-    ``oracle_dice`` (best threshold of each volume, no CC). Returns ``(per-volume frame, run info)``."""
+    ``oracle_dice`` (best threshold of each volume, no CC). Returns ``(per-volume frame, run info)``.
+
+    ``cache``: a dict kept by the caller across calls on the same files; continuous maps are computed once per
+    distinct list of continuous steps (the ablation's full and no-CC pipelines share them)."""
     if not len(val_paths) or not len(test_paths):
         raise ValueError("evaluate_run: needs validation and test volumes")
-    v_maps, v_segs, _ = continuous_maps(val_paths, spec, median_backend)
+
+    def maps(files):
+        if cache is None:
+            return continuous_maps(files, spec, median_backend)
+        key = (tuple(files), spec.continuous_steps)
+        if key not in cache:
+            cache[key] = continuous_maps(files, spec, median_backend)
+        return cache[key]
+
+    v_maps, v_segs, _ = maps(val_paths)
     thr, val_dice = search_threshold(stack_pooled(v_maps), stack_pooled(v_segs), method, steps)
     other = "exact" if method == "bisection" else "bisection"
     thr_other = search_threshold(stack_pooled(v_maps), stack_pooled(v_segs), other, steps)[0] if extras else None
     del v_maps, v_segs
-    t_maps, t_segs, t_masks = continuous_maps(test_paths, spec, median_backend)
+    t_maps, t_segs, t_masks = maps(test_paths)
     ranks = rank_stats(t_maps, t_segs, t_masks, region=region)
     pred = np.stack([binarize(m, thr, spec) for m in t_maps])
     out = pd.DataFrame({"npz": list(test_paths), "dice": dice(pred, t_segs), "auprc": ranks.ap,

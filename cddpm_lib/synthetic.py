@@ -249,7 +249,9 @@ def plot_montage(manifest: pd.DataFrame, weightings: tuple[str, ...] = ("t2", "t
             ax = axes[r, c]
             ax.set_xticks([]), ax.set_yticks([])
             if not row[weighting]:
-                ax.text(0.5, 0.5, f"no {weighting.upper()}", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"{dataset}: no {weighting.upper()}", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="0.4")
+                ax.axis("off")
                 continue
             img = nib.as_closest_canonical(nib.load(row[weighting]))
             vol = np.asarray(img.dataobj, np.float32)

@@ -120,3 +120,49 @@ def test_kld_table_ratios_and_paper_column():
     assert ixi["ratio DDPM/cDDPM (paper expression)"] == pytest.approx(-2.0)
     assert ixi["KL(in‖rec) DDPM"] == "3.0000 ± 1.0000" and ixi["folds"] == 2
     assert np.isnan(table[table["data set"] == "BraTS21"].iloc[0]["paper ratio"])
+
+
+def test_domain_shift_stage_end_to_end(tmp_path, monkeypatch):
+    import matplotlib
+
+    from cddpm_lib import paths
+    from test_quality import write_cohort
+
+    matplotlib.use("Agg")
+    write_cohort(tmp_path, monkeypatch)
+    cfg = H.DomainShiftConfig(profile="smoke", folds=(0,), ddpm="ae", cddpm="vae", diffusion_variant="default",
+                              contrasts=(1.0, 2.0), n_bins=50, max_batch=8)
+    kld, pairs = H.collect_histograms(cfg, log=lambda m: None)
+    assert len(kld) == 2 * 2 * 2 and (kld["kld"] >= 0).all()
+    pair = pairs[(0, "ae", "BraTS21", 2.0)]
+    assert pair.edges.size == 51 and np.sum(pair.density_input * np.diff(pair.edges)) == pytest.approx(1.0)
+    # BraTS21: the annotated lesion is excluded from the healthy-voxel histogram
+    from cddpm_lib import quality
+
+    row = quality.test_volumes(cfg, "BraTS21", "t2").iloc[0]
+    case = quality.load_case(row, "t2")
+    assert pair.n_voxels == int(((case["brain_mask"] > 0) & (case["seg"] == 0)).sum())
+    # contrast 2 squares the input intensities the histogram sees
+    assert pairs[(0, "ae", "IXI", 2.0)].edges[-1] < pairs[(0, "ae", "IXI", 1.0)].edges[-1] + 1e-6
+    table = H.kld_table(kld, "ae", "vae")
+    assert list(table["paper ratio"].iloc[:2]) == [2.3, 17.0]
+    H.write_kld(table, cfg)
+    assert "not a divergence" in (paths.results_dir("smoke") / "kld.md").read_text()
+    fig = H.plot_histograms(pairs, cfg)
+    assert len(fig.axes) == 2 * 2 * 2
+
+
+def test_config_matches_notebook():
+    import ast
+
+    import papermill
+
+    from cddpm_lib.config import ConfigError
+    from cddpm_lib.paths import repo_root
+
+    params = papermill.inspect_notebook(str(repo_root() / "notebooks" / "05_domain_shift.ipynb"))
+    assert set(params) == set(H.DomainShiftConfig.field_names())
+    defaults = {k: ast.literal_eval(v["default"]) for k, v in params.items()}
+    assert H.DomainShiftConfig.from_namespace(defaults) == H.DomainShiftConfig()
+    with pytest.raises(ConfigError, match="figure_fold"):
+        H.DomainShiftConfig(folds=(0,), figure_fold=3)

@@ -1,0 +1,140 @@
+"""Volume reconstruction through the model interface and the resumable evaluation-set writer."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cddpm_lib import reconstruct
+from cddpm_lib.models import build_model
+from cddpm_lib.models.base import UADModel
+from cddpm_lib.volumes import load_npz, save_nifti
+
+
+class Affine(UADModel):
+    """x̂ = a·x + b per slice; records the batch sizes it saw."""
+
+    name = "affine"
+
+    def __init__(self, a: float = 0.5, b: float = 0.1) -> None:
+        super().__init__(a=a, b=b)
+        self.a = torch.nn.Parameter(torch.tensor(a))
+        self.b = b
+        self.calls: list[int] = []
+
+    def reconstruct(self, x, mask=None, **kwargs: Any):
+        self.calls.append(x.shape[0])
+        return self.a * x + self.b
+
+
+class Whole(Affine):
+    needs_whole_volume = True
+
+
+class FakeDiffusion(Affine):
+    """Takes t_test / max_batch / generator like the diffusion models; adds seeded noise scaled by t."""
+
+    def reconstruct(self, x, mask=None, t_test: int | Sequence[int] = 500, max_batch: int | None = 64,
+                    generator: torch.Generator | None = None, **kwargs: Any):
+        self.calls.append(int(max_batch))
+        ts = [t_test] if isinstance(t_test, int) else list(t_test)
+        noise = torch.stack([torch.randn(x.shape, generator=generator) * t / 1000 for t in ts]).mean(0)
+        return x + noise
+
+
+def _volume(shape=(8, 6, 5), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random(shape).astype(np.float32), (rng.random(shape) < 0.8).astype(np.uint8)
+
+
+def test_variant_kwargs():
+    assert reconstruct.variant_kwargs("t500") == {"t_test": 500}
+    assert reconstruct.variant_kwargs("ens") == {"t_test": [250, 500, 750]}
+    assert reconstruct.variant_kwargs("default") == {}
+    assert reconstruct.variant_name("cddpm", ens=True) == "ens" and reconstruct.variant_name("ae", True) == "default"
+    with pytest.raises(ValueError, match="unknown variant"):
+        reconstruct.variant_kwargs("t-5")
+
+
+def test_reconstruct_volume_maps_slices_and_residual():
+    image, mask = _volume()
+    recon, anomaly = reconstruct.reconstruct_volume(Affine(), image, mask, max_batch=2)
+    np.testing.assert_allclose(recon, 0.5 * image + 0.1, atol=1e-6)
+    np.testing.assert_allclose(anomaly, np.abs(image - recon), atol=1e-6)
+
+
+def test_chunking_and_whole_volume():
+    image, mask = _volume()
+    m = Affine()
+    reconstruct.reconstruct_volume(m, image, mask, max_batch=2)
+    assert m.calls == [2, 2, 1]
+    w = Whole()
+    reconstruct.reconstruct_volume(w, image, mask, max_batch=2)
+    assert w.calls == [5]
+
+
+def test_diffusion_kwargs_and_seed():
+    image, mask = _volume()
+    m = FakeDiffusion()
+    a = reconstruct.reconstruct_volume(m, image, mask, max_batch=3, seed=7, t_test=[250, 500])[0]
+    b = reconstruct.reconstruct_volume(m, image, mask, max_batch=5, seed=7, t_test=[250, 500])[0]
+    c = reconstruct.reconstruct_volume(m, image, mask, max_batch=3, seed=8, t_test=[250, 500])[0]
+    assert m.calls == [3, 5, 3]  # one call with all slices, max_batch passed through
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_test_time_arguments_need_a_model_that_takes_them():
+    image, mask = _volume()
+    with pytest.raises(TypeError, match="t_test"):
+        reconstruct.reconstruct_volume(Affine(), image, mask, t_test=500)
+
+
+def test_own_anomaly_map_is_used():
+    image, mask = _volume()
+    thresh = build_model("thresh", image_size=image.shape[:2])
+    _, anomaly = reconstruct.reconstruct_volume(thresh, image, mask)
+    np.testing.assert_allclose(anomaly, image * mask, atol=1e-6)
+
+
+def _rows(tmp_path, n=2):
+    rows = []
+    for i in range(n):
+        image, mask = _volume(seed=i)
+        seg = (image > 0.9).astype(np.uint8)
+        d = tmp_path / "vols" / f"s{i}"
+        rows.append({"dataset": "BraTS21", "subject_id": f"s{i}",
+                     "t2": str(save_nifti(image, np.diag([2, 2, 2, 1]), d / "t2.nii.gz")),
+                     "brain_mask": str(save_nifti(mask, np.eye(4), d / "mask.nii.gz", dtype=np.uint8)),
+                     "seg": str(save_nifti(seg, np.eye(4), d / "seg.nii.gz", dtype=np.uint8)) if i else ""})
+    return pd.DataFrame(rows)
+
+
+def test_reconstruct_dataset_writes_and_resumes(tmp_path):
+    rows = _rows(tmp_path)
+    out = tmp_path / "recon"
+    first = reconstruct.reconstruct_dataset(Affine(), rows, "t2", out, max_batch=4)
+    assert list(first["reused"]) == [False, False] and (first["seconds"] > 0).all()
+    z = load_npz(out / "s1.npz")
+    assert set(reconstruct.NPZ_KEYS) <= set(z) and z["affine"][0, 0] == 2
+    assert z["seg"].dtype == np.uint8 and load_npz(out / "s0.npz")["seg"].sum() == 0  # no annotation -> zeros
+    mtime = (out / "s1.npz").stat().st_mtime_ns
+    again = reconstruct.reconstruct_dataset(Affine(), rows, "t2", out, max_batch=4)
+    assert list(again["reused"]) == [True, True] and (out / "s1.npz").stat().st_mtime_ns == mtime
+    assert again["seconds"].tolist() == pytest.approx(first["seconds"].tolist())
+    (out / "s0.npz").write_bytes(b"broken")
+    third = reconstruct.reconstruct_dataset(Affine(), rows, "t2", out, max_batch=4)
+    assert list(third["reused"]) == [False, True] and reconstruct.is_valid_recon(out / "s0.npz")
+
+
+def test_missing_weighting_column_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="'t1'"):
+        reconstruct.reconstruct_dataset(Affine(), _rows(tmp_path, 1), "t1", tmp_path / "r")
+
+
+def test_time_volumes_counts_each_volume():
+    image, mask = _volume()
+    assert len(reconstruct.time_volumes(Affine(), [image, image], [mask, mask], warmup=1)) == 2

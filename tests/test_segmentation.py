@@ -1,0 +1,94 @@
+"""Stage 06 on tiny evaluation sets: plan, reconstruction, scoring, Table 3, stars, outputs."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from _segmentation_fixtures import write_checkpoint, write_eval_cohort
+
+from cddpm_lib import paths, segmentation
+from cddpm_lib import segmentation_report as report
+from cddpm_lib.postprocessing import PostprocessingSpec
+from cddpm_lib.stats import compare_with_baselines
+from cddpm_lib.volumes import save_npz
+
+
+@pytest.fixture()
+def roots(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    return tmp_path
+
+
+def _cfg(**kw):
+    base = dict(profile="smoke", models=("thresh", "ae", "cddpm"), folds=(0, 1), weightings=("t2",),
+                datasets=("BraTS21",), t_test_sweep=(250,), permutation_rounds=200, timing_volumes=0, n_nifti=1)
+    return segmentation.SegmentationConfig(**{**base, **kw})
+
+
+def test_plan_marks_missing_checkpoints(roots):
+    write_checkpoint("smoke", "ae", "t2", 0)
+    plan = segmentation.plan_runs(_cfg())
+    t3 = plan[plan["purpose"] == "table3"].set_index(["row", "fold"])["status"]
+    assert t3[("Thresh", 0)] == "no training needed" and ("Thresh", 1) not in t3.index
+    assert t3[("AE", 0)] == "ok" and t3[("AE", 1)] == "missing checkpoint"
+    assert set(plan.loc[plan["purpose"] == "sweep", "row"]) == {"cDDPM+SSL"}
+    assert len(plan[plan["row"] == "cDDPM+SSL+ENS"]) == 2
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="models"):
+        _cfg(models=("resnet",))
+    with pytest.raises(ValueError, match="post-processing"):
+        _cfg(step_order=("erode", "cc"))
+
+
+def test_stage_end_to_end(roots):
+    write_eval_cohort(paths.source_dir("synthetic", "smoke"), datasets=("BraTS21",), n_val=2, n_test=2)
+    write_checkpoint("smoke", "ae", "t2", 0)
+    cfg = _cfg(models=("thresh", "ae", "vae"))
+    plan = segmentation.plan_runs(cfg)
+    index = segmentation.reconstruct_all(cfg, plan, log=lambda m: None)
+    assert set(index["row"]) == {"Thresh", "AE"} and len(index) == 2 * 4
+    again = segmentation.reconstruct_all(cfg, plan, log=lambda m: None)
+    assert again["reused"].all()
+    per_volume, runs = segmentation.score_all(cfg, index, log=lambda m: None)
+    assert len(per_volume) == 2 * 2 and {"dice", "auprc", "auroc", "oracle_dice", "dice_other"} <= set(per_volume)
+    assert (per_volume["oracle_dice"] >= per_volume["dice"] - 1e-9).all()
+    folds = report.fold_scores(per_volume)
+    table = report.table3(cfg, plan, folds, report.significance(cfg, folds, per_volume))
+    status = table.drop_duplicates("row").set_index("row")["status"]
+    assert status["VAE"] == "missing checkpoint (2 of 2 runs)" and status["Thresh"] == "ok"
+    assert status["AE"] == "missing checkpoint (1 of 2 runs)"  # fold 1 was not trained
+    csv, md = report.write_table3(cfg, table, folds)
+    assert "VAE" in md.read_text() and pd.read_csv(csv).shape[0] == 3
+    nifti = report.export_nifti(cfg, index, runs)
+    assert len(nifti) == 2 * 2 and all(p.exists() for p in nifti)
+
+
+def test_evaluate_run_scores_a_perfect_map(tmp_path):
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        seg = np.zeros((12, 12, 6), np.uint8)
+        seg[3:7, 4:8, 1:4] = 1
+        anomaly = seg + 0.2 * rng.random(seg.shape).astype(np.float32) * (1 - seg)
+        files.append(str(save_npz(tmp_path / f"v{i}.npz", image=anomaly, recon=anomaly, anomaly=anomaly,
+                                  brain_mask=np.ones_like(seg), seg=seg, affine=np.eye(4))))
+    spec = PostprocessingSpec(steps=("threshold", "cc"))
+    for method in ("bisection", "exact"):
+        scores, info = segmentation.evaluate_run(files[:2], files[2:], spec, method=method)
+        assert info["val_dice"] == 1.0 and np.allclose(scores[["dice", "auprc", "auroc", "oracle_dice"]], 1.0)
+
+
+def test_table3_star_for_a_clearly_better_target():
+    folds = pd.DataFrame([{"row": r, "model": m, "ssl": s, "ens": e, "variant": "x", "dataset": "BraTS21",
+                           "fold": f, "metric": "DICE", "value": v + f}
+                          for f in range(5) for r, m, s, e, v in (("cDDPM+SSL+ENS", "cddpm", True, True, 60.0),
+                                                                  ("AE", "ae", False, False, 30.0))])
+    cfg = _cfg(models=("ae", "cddpm"), folds=(0, 1, 2, 3, 4), permutation_rounds=2000)
+    tests = compare_with_baselines(folds, "cDDPM+SSL+ENS", ["AE"], rounds=2000).assign(unit="fold (paper)")
+    plan = pd.DataFrame({"row": ["AE", "cDDPM+SSL+ENS"], "purpose": "table3", "status": "ok"})
+    table = report.table3(cfg, plan, folds, tests)
+    star = table[(table["metric"] == "DICE") & (table["dataset"] == "BraTS21")].set_index("row")["star"]
+    assert star["cDDPM+SSL+ENS"] and not star["AE"]
