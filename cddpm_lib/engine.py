@@ -313,6 +313,9 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
         if start < cfg.max_steps:
             log(f"resuming {run_dir} at step {start}")
     else:
+        if ctx.rank == 0:  # a new run: outputs of an earlier one with other settings must not survive
+            for name in ("best.pt", "last.pt", "history.csv"):
+                (run_dir / name).unlink(missing_ok=True)
         _reseed(cfg.seed, 0, ctx.rank)
     hooks = []
     if ctx.world > 1:

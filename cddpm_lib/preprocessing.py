@@ -53,11 +53,10 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
+from . import manifests
 from .config import ConfigError, StageConfig
 from .volumes import VolumeError, load_nifti, save_dataframe, save_json, save_nifti
 
-MANIFEST_COLUMNS = ("dataset", "subject_id", "split", "fold", "t1", "t2", "brain_mask", "seg", "site",
-                    "skull_stripped", "healthy")
 WEIGHTINGS = ("t1", "t2")
 STEPS = ("load", "resample", "register", "warp", "skull_strip", "crop", "n4", "resize", "rescale", "write")
 _LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI/nibabel (RAS) <-> ITK (LPS)
@@ -164,8 +163,9 @@ def resample_isotropic(image: sitk.Image, spacing_mm: float, *, label: bool = Fa
     size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), image.GetSpacing())]
     interp = sitk.sitkNearestNeighbor if label else sitk.sitkBSpline
     sigma = [0.5 * np.sqrt(max(spacing_mm ** 2 - s ** 2, 0.0)) for s in image.GetSpacing()]
-    if not label and max(sigma) > 0:
-        image = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32), [v * v for v in sigma], 32, 0.01, True)
+    for axis, sig in enumerate(sigma):
+        if not label and sig > 0:
+            image = sitk.RecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sig, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), (spacing_mm,) * 3,
                          image.GetDirection(), 0.0, image.GetPixelID())
 
@@ -512,7 +512,7 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
         labs = {k: warp(v, fixed, tx, label=True) > 0 for k, v in labels.items()}
         affine = sitk_affine(fixed)
     with clock("skull_strip"):
-        stripped = str(subject.get("skull_stripped", "0")).strip() in ("1", "1.0", "True", "true")
+        stripped = int(subject.get("skull_stripped", 0)) == 1
         qc["skull_strip"], mask = _brain_mask(images[ref], affine, tmask, stripped, cfg)
         qc["brain_ml"] = float(mask.sum() * cfg.spacing_mm ** 3 / 1000)
         if qc["brain_ml"] < cfg.min_brain_ml:
@@ -569,21 +569,6 @@ def preprocess_subject(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: 
 
 
 # ---------------------------------------------------------------------------------------------- whole manifest
-
-
-def read_raw_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """Raw manifest CSV (schema in ``docs/ARCHITECTURE.md``) with image paths made absolute (relative ones are
-    resolved against the manifest's folder). Missing columns are an error naming them."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"raw manifest {path} does not exist; run the data stage (00_data.ipynb) first")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")
-    for col in ("t1", "t2", "brain_mask", "seg"):
-        df[col] = [str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v for v in df[col]]
-    return df
 
 
 def _done_qc(subject: dict, cfg: PreprocessConfig, out_dir: Path) -> dict | None:
@@ -648,7 +633,7 @@ def preprocess_manifest(cfg: PreprocessConfig, raw_manifest: str | os.PathLike |
     Returns ``(manifest with absolute paths, qc)``.
     """
     out_dir = Path(out_dir)
-    raw = raw_manifest.copy() if isinstance(raw_manifest, pd.DataFrame) else read_raw_manifest(raw_manifest)
+    raw = raw_manifest.copy() if isinstance(raw_manifest, pd.DataFrame) else manifests.load_manifest(raw_manifest)
     manifest_path = Path(manifest_path) if manifest_path else out_dir.parent / "preprocessed_manifest.csv"
     subjects = raw.drop_duplicates(["dataset", "subject_id"]).to_dict("records")
     done = {(s["dataset"], s["subject_id"]): _done_qc(s, cfg, out_dir) for s in subjects}
@@ -666,12 +651,9 @@ def preprocess_manifest(cfg: PreprocessConfig, raw_manifest: str | os.PathLike |
         sub_dir = out_dir / str(row["dataset"]) / str(row["subject_id"])
         for col in ("t1", "t2", "brain_mask", "seg"):
             row[col] = str(sub_dir / f"{col}.nii.gz") if col in files else ""
-        rows.append({**row, "skull_stripped": "1"})
-    manifest = pd.DataFrame(rows, columns=list(raw.columns))
-    rel = manifest.copy()
-    for col in ("t1", "t2", "brain_mask", "seg"):
-        rel[col] = [os.path.relpath(v, manifest_path.parent) if v else "" for v in rel[col]]
-    save_dataframe(rel, manifest_path)
+        rows.append({**row, "skull_stripped": 1})
+    manifest = pd.DataFrame(rows, columns=list(manifests.COLUMNS))
+    manifests.write_manifest(manifest, manifest_path, root=manifest_path.parent)
     save_dataframe(qc, manifest_path.parent / "preprocessing_qc.csv")
     return manifest, qc
 

@@ -80,6 +80,9 @@ class SegmentationConfig(StageConfig):
         known = [d for s in EVAL_SETS.values() for d in s]
         if any(d not in known for d in self.datasets):
             raise ConfigError(f"parameter 'datasets': use values from {known}")
+        if any(w not in self.thresh_polarity or self.thresh_polarity[w] not in (1, -1) for w in self.weightings):
+            raise ConfigError(f"parameter 'thresh_polarity': give +1 or -1 for each weighting {list(self.weightings)}, "
+                              f"got {self.thresh_polarity}")
         if not self.folds or min(self.folds) < 0:
             raise ConfigError("parameter 'folds': give at least one fold index >= 0")
         if self.max_batch < 1 or self.max_volumes < 0 or self.timing_volumes < 0 or self.n_nifti < 0:

@@ -30,14 +30,14 @@ from .volumes import load_nifti, save_dataframe, save_nifti
 METRICS = {"DICE": "dice", "AUPRC": "auprc"}
 
 
-def fold_scores(per_volume: pd.DataFrame, purpose: str = "table3") -> pd.DataFrame:
+def fold_scores(per_volume: pd.DataFrame, purpose: str | None = "table3") -> pd.DataFrame:
     """Per (run, data set): the mean over test volumes (NaN DICE of empty-empty volumes skipped, as the authors)
     of DICE, AUPRC and the extras, in % -> long frame ``row, model, ssl, ens, variant, dataset, fold, metric,
-    value``."""
+    value`` (``purpose=None``: every run)."""
     keys = ["row", "model", "ssl", "ens", "variant", "dataset", "fold"]
     if per_volume.empty:
         return pd.DataFrame(columns=[*keys, "metric", "value"])
-    pv = per_volume[per_volume["purpose"] == purpose]
+    pv = per_volume if purpose is None else per_volume[per_volume["purpose"] == purpose]
     cols = {"DICE": "dice", "AUPRC": "auprc", "AUROC": "auroc", "DICE_other_threshold": "dice_other",
             "oracle_DICE": "oracle_dice"}
     cols = {k: v for k, v in cols.items() if v in pv.columns}
@@ -112,6 +112,30 @@ def write_table3(cfg: SegmentationConfig, sbs: pd.DataFrame, folds: pd.DataFrame
     return write_table(wide, md, paths.results_dir(cfg.profile) / "table3")
 
 
+def extras_table(cfg: SegmentationConfig, folds: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Extras beside Table 3 (not in the paper), mean ± std over folds per row and data set: AUROC, the per-volume
+    oracle DICE (each volume at its own best threshold), the DICE with the other threshold search, and the
+    AUPRC of all test voxels pooled; ``results/table3_extras.{csv,md}``."""
+    extra = folds[~folds["metric"].isin(list(METRICS))]
+    if len(runs) and "pooled_auprc" in runs:
+        pooled = runs[runs["purpose"] == "table3"][["row", "model", "ssl", "ens", "variant", "dataset", "fold",
+                                                    "pooled_auprc"]]
+        extra = pd.concat([extra, pooled.rename(columns={"pooled_auprc": "value"})
+                          .assign(metric="pooled_AUPRC", value=lambda d: d["value"] * 100.0)], ignore_index=True)
+    if extra.empty:
+        return extra
+    table = summarize(extra, ["row", "dataset", "metric"])
+    wide = table.pivot_table(index="row", columns=["dataset", "metric"], values=["mean", "std"], sort=False)
+    wide.columns = [f"{d} {m} {'±' if k == 'std' else ''}".strip() for k, d, m in wide.columns]
+    wide = wide.reset_index()
+    other = "exact" if cfg.threshold_search == "bisection" else "bisection"
+    md = (f"## Table 3 extras (not in the paper)\n\nAUROC, oracle DICE (best threshold per volume), DICE with the "
+          f"{other} threshold search, pooled AUPRC; in %, mean ± std over folds.\n\n"
+          + to_markdown(table.assign(paper_mean=np.nan), ["row"], ["dataset", "metric"]))
+    write_table(wide, md, paths.results_dir(cfg.profile) / "table3_extras")
+    return table
+
+
 def inference_times(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> pd.DataFrame:
     """Seconds per volume of DDPM, pDDPM and cDDPM with a single ``t_test`` and the ensemble, measured back to
     back in this process on the first ``timing_volumes`` test volumes (first fold, first weighting), with
@@ -150,14 +174,26 @@ def inference_times(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
     return df
 
 
-def fig5_data(per_volume: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over folds of the per-fold test DICE (%) for the sweep (``t_test``) and the ENS rows."""
-    sweep = fold_scores(per_volume, "sweep")
+def fig5_rows(cfg: SegmentationConfig) -> tuple[list[str], str]:
+    """Fig. 5's rows: DDPM, pDDPM and cDDPM (with SSL if ``sweep_cddpm_ssl``) at single ``t_test``, and the
+    cDDPM ensemble row drawn flat."""
+    ssl = cfg.sweep_cddpm_ssl and cfg.ssl
+    rows = [reference.row_label(m, ssl=(m == "cddpm" and ssl)) for m in reference.DIFFUSION_MODELS if m in cfg.models]
+    return rows, reference.row_label("cddpm", ssl=ssl, ens=True)
+
+
+def fig5_data(cfg: SegmentationConfig, per_volume: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over folds of the per-fold test DICE (%) versus ``t_test`` (sweep runs and the Table 3 runs at
+    ``t_test``, which the plan does not repeat) and of the cDDPM ensemble (``t_test = -1``)."""
+    if per_volume.empty:
+        return pd.DataFrame()
+    rows, ens_row = fig5_rows(cfg)
+    single = per_volume[per_volume["row"].isin(rows) & per_volume["variant"].str.match(r"^t\d+$")]
+    sweep = fold_scores(single, purpose=None)
     sweep = sweep[sweep["metric"] == "DICE"].copy()
     sweep["t_test"] = sweep["variant"].str[1:].astype(int)
-    ens = fold_scores(per_volume, "table3")
-    ens = ens[(ens["metric"] == "DICE") & (ens["variant"] == "ens")].copy()
-    ens["t_test"] = -1
+    ens = fold_scores(per_volume[per_volume["row"] == ens_row], purpose=None)
+    ens = ens[ens["metric"] == "DICE"].assign(t_test=-1)
     both = pd.concat([sweep, ens], ignore_index=True)
     return summarize(both, ["model", "ssl", "variant", "t_test", "dataset"]) if len(both) else both
 
@@ -216,7 +252,7 @@ def figure4(cfg: SegmentationConfig, index: pd.DataFrame) -> list[Path]:
 
 def figure5(cfg: SegmentationConfig, per_volume: pd.DataFrame) -> tuple[pd.DataFrame, list[Path]]:
     """Fig. 5: DICE versus ``t_test`` (data in ``results/fig5_dice_vs_t.csv``)."""
-    summary = fig5_data(per_volume)
+    summary = fig5_data(cfg, per_volume)
     if summary.empty:
         return summary, []
     save_dataframe(summary, paths.results_dir(cfg.profile) / "fig5_dice_vs_t.csv")

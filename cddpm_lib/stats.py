@@ -36,12 +36,13 @@ _FUNC = {"greater": "x_mean > y_mean", "less": "x_mean < y_mean", "two-sided": "
 
 
 def mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
-    """``(mean, std)`` of finite ``values`` (NaN when none; std 0 for a single value)."""
+    """``(mean, std)`` of the finite ``values``; NaN mean when there are none and NaN std for a single value
+    (no spread is defined: the tables then print no ±, like the paper's deterministic Thresh row)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan")
-    std = float(v.std(ddof=ddof)) if v.size > ddof else 0.0
+    std = float(v.std(ddof=ddof)) if v.size > max(1, ddof) else float("nan")
     return float(v.mean()), std
 
 

@@ -1,7 +1,7 @@
 """Tables in the paper's layout, with the paper's values side by side and the difference (Tables 2, 3, 4).
 
 The kit's results and :mod:`cddpm_lib.reference` both come as *long* DataFrames: key columns (e.g. ``model, ssl,
-ens, dataset, metric``) plus ``mean, std`` (and optionally ``star``). The helpers:
+ens, dataset, metric``) plus ``mean, std`` (and optionally ``star``). The functions:
 
 - :func:`summarize` — per-fold scores -> ``mean, std, n`` over folds (:func:`cddpm_lib.stats.mean_std`);
 - :func:`side_by_side` — ours next to the paper's on the key columns: ``mean, std, star, paper_mean, paper_std,

@@ -66,3 +66,21 @@ def test_table1_and_claims():
 def test_paper_value_needs_a_unique_match():
     with pytest.raises(KeyError):
         reference.paper_value(reference.table3(), model="cddpm")
+
+
+TABLES_MD = __import__("pathlib").Path("/work/shared/paper/TABLES.md")
+
+
+@pytest.mark.skipif(not TABLES_MD.exists(), reason="paper/TABLES.md not available here")
+def test_every_table3_cell_matches_tables_md():
+    lines = TABLES_MD.read_text().split("## Table 3")[1].split("## Table 4")[0].splitlines()
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
+    t3 = reference.table3()
+    assert len(body) == len(reference.TABLE3_ROWS)
+    for cells, row in zip(body, reference.TABLE3_ROWS):
+        assert cells[0] == reference.DISPLAY[row.model] and (cells[1] == "✓") == row.ssl
+        for i, cell in enumerate(cells[3:]):
+            r = _row(t3, **row._asdict(), dataset=reference.DATASETS[i // 2], metric=("DICE", "AUPRC")[i % 2])
+            expected = f"{r['mean']:.2f}" + (f"±{r['std']:.2f}" if r["std"] == r["std"] else "") + \
+                ("*" if r["star"] else "")
+            assert cell == expected

@@ -62,6 +62,8 @@ def test_stage_end_to_end(roots):
     assert status["AE"] == "missing checkpoint (1 of 2 runs)"  # fold 1 was not trained
     csv, md = report.write_table3(cfg, table, folds)
     assert "VAE" in md.read_text() and pd.read_csv(csv).shape[0] == 3
+    extras = report.extras_table(cfg, folds, runs)
+    assert {"AUROC", "oracle_DICE", "DICE_other_threshold", "pooled_AUPRC"} <= set(extras["metric"])
     nifti = report.export_nifti(cfg, index, runs)
     assert len(nifti) == 2 * 2 and all(p.exists() for p in nifti)
 
@@ -92,3 +94,20 @@ def test_table3_star_for_a_clearly_better_target():
     table = report.table3(cfg, plan, folds, tests)
     star = table[(table["metric"] == "DICE") & (table["dataset"] == "BraTS21")].set_index("row")["star"]
     assert star["cDDPM+SSL+ENS"] and not star["AE"]
+
+
+def test_fig5_data_joins_table3_runs_at_single_t():
+    cfg = _cfg(models=("ddpm", "cddpm"), t_test_sweep=(250, 500))
+    recs = []
+    for row, model, ssl, ens, variant, purpose, d in (
+            ("DDPM", "ddpm", False, False, "t250", "sweep", 0.2), ("DDPM", "ddpm", False, False, "t500", "table3", 0.3),
+            ("cDDPM+SSL", "cddpm", True, False, "t500", "table3", 0.5),
+            ("cDDPM", "cddpm", False, False, "t500", "table3", 0.1),
+            ("cDDPM+SSL+ENS", "cddpm", True, True, "ens", "table3", 0.6)):
+        for fold in (0, 1):
+            recs.append({"row": row, "model": model, "ssl": ssl, "ens": ens, "variant": variant, "purpose": purpose,
+                         "dataset": "BraTS21", "fold": fold, "subject_id": "s", "dice": d + fold / 10, "auprc": d})
+    data = report.fig5_data(cfg, pd.DataFrame(recs)).set_index(["model", "ssl", "t_test"])["mean"]
+    assert data[("ddpm", False, 250)] == pytest.approx(25.0) and data[("ddpm", False, 500)] == pytest.approx(35.0)
+    assert data[("cddpm", True, 500)] == pytest.approx(55.0) and data[("cddpm", True, -1)] == pytest.approx(65.0)
+    assert ("cddpm", False, 500) not in data.index  # the sweep follows the SSL cDDPM

@@ -41,6 +41,7 @@ def test_paired_approximate_close_to_mlxtend():
 def test_mean_std_population_default():
     assert stats.mean_std([1.0, 3.0, np.nan]) == (2.0, 1.0)
     assert stats.mean_std([1.0, 3.0], ddof=1)[1] == pytest.approx(np.sqrt(2))
+    assert stats.mean_std([5.0])[0] == 5.0 and np.isnan(stats.mean_std([5.0])[1])  # one fold: no spread
     assert np.isnan(stats.mean_std([])[0])
 
 
