@@ -1,35 +1,33 @@
 """The optimisation loop shared by every model of the kit (paper §4.4) and by SparK pre-training (§3.3).
 
 :func:`fit` trains any :class:`~cddpm_lib.models.base.UADModel` (``configure_optimizers``, ``training_step``,
-``validation_loss``) on a :class:`~cddpm_lib.data.SliceCohort`, validating on the healthy validation fold every
-``val_every`` steps and keeping the checkpoint with the lowest validation loss as ``best.pt`` (paper §4.4).
+``validation_loss``) on a :class:`~cddpm_lib.data.SliceCohort`, validates on the healthy validation fold every
+``val_every`` steps and keeps the weights of the lowest validation loss as ``best.pt`` (paper §4.4). Run folder:
+``best.pt``, ``last.pt``, ``config.json``, ``history.csv`` (and ``tb/`` when TensorBoard is installed).
+Checkpoints hold ``{"model_name", "hparams", "model", "optimizers", "scaler", "rng", "step", "best_val",
+"config"}``, tensors and plain types only (``torch.load(weights_only=True)``; ``models.load_model`` reads the
+first three). A rerun with the same settings resumes from ``last.pt`` (a finished run returns at once; other
+settings than :data:`RUNTIME_FIELDS` start a new run) and ends with the same weights as an uninterrupted run
+(bitwise on CPU): the batches of step ``s`` depend on ``(seed, s)`` only (:class:`~cddpm_lib.data.StepSampler`)
+and at every checkpoint all RNGs are reseeded from ``(seed, step, rank)``. Validation runs on a private RNG with
+a fixed seed (the same diffusion time steps and noise every time, so losses of different steps compare).
 
-Run folder: ``best.pt``, ``last.pt``, ``config.json``, ``history.csv`` (and ``tb/`` when TensorBoard is
-installed). Checkpoints hold ``{"model_name", "hparams", "model", "optimizers", "scaler", "rng", "step",
-"best_val", "config"}`` as tensors and plain types (``torch.load(weights_only=True)``); the first three are what
-``models.load_model`` reads. Rerunning with the same settings resumes from ``last.pt``; a finished run returns at
-once; changed settings (other than :data:`RUNTIME_FIELDS`) start a new run. Exact resumption: the batches of
-step ``s`` are a function of ``(seed, s)`` (:class:`~cddpm_lib.data.StepSampler`) and at every checkpoint all
-RNGs are reseeded from ``(seed, step, rank)``, so a run interrupted and resumed ends with the same weights as an
-uninterrupted one (bitwise on CPU). Validation runs on a private RNG with a fixed seed: the same diffusion time
-steps and noise every time, so validation losses of different steps are comparable, and the training RNG is
-left untouched.
-
-Mixed precision (``amp="bf16"`` or ``"fp16"`` with loss scaling) and channels-last memory format apply on CUDA
-only. Data parallel on the GPUs of one machine::
+Mixed precision (``amp="bf16"``, or ``"fp16"`` with loss scaling) and channels-last apply on CUDA only. Data
+parallel on the GPUs of one machine::
 
     torchrun --standalone --nproc_per_node=4 -m cddpm_lib.train profile=paper model=cddpm weighting=t2 fold=0
 
-Each process trains on ``batch_size`` slices of a global batch of ``world · batch_size``; gradients are averaged
-by an all-reduce as soon as each parameter's gradient is accumulated (what DistributedDataParallel does, here
-with per-parameter hooks because ``training_step`` owns backward and the optimiser step and f-AnoGAN runs two of
-them), buffers (batch-norm statistics) are broadcast from rank 0 before every step, validation is sharded and
-summed, and rank 0 writes the files. Backend NCCL on GPUs, gloo on CPU.
+Each process trains on ``batch_size`` slices of a global batch of ``world · batch_size``. Gradients are averaged
+by an all-reduce as soon as each parameter's gradient is accumulated (what DistributedDataParallel does; hooks
+here, because ``training_step`` owns backward and the optimiser step and f-AnoGAN runs two of them); buffers
+(batch-norm statistics) are broadcast from rank 0 before every step; validation is sharded and summed; rank 0
+writes the files. Backend NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import random
@@ -106,10 +104,6 @@ class FitResult:
     steps: int
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
 @dataclasses.dataclass(frozen=True)
 class DistContext:
     rank: int = 0
@@ -141,10 +135,6 @@ def _average_gradients(model: torch.nn.Module, world: int) -> list:
 def _broadcast(tensors) -> None:
     for t in tensors:
         dist.broadcast(t.data, 0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# RNG state and checkpoints
 
 
 def rng_state() -> dict[str, Any]:
@@ -208,10 +198,6 @@ def _resumable(run_dir: Path, record: dict, log) -> dict[str, Any] | None:
     return ckpt
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The loop
-
-
 def _effective_amp(amp: str, device: torch.device, log) -> str:
     if amp != "none" and device.type != "cuda":
         log(f"amp={amp!r} needs a CUDA device; training in float32 on {device}")
@@ -266,6 +252,36 @@ def validate(model: UADModel, loader, *, seed: int, device: torch.device, amp: s
     return float(total[0] / total[1])
 
 
+def _restore(ckpt, model, optimizers, scaler, run_dir: Path, seed: int, ctx: DistContext):
+    """Load ``ckpt`` (``last.pt``) into the run, or clear a new run's folder; set the RNGs for the start step.
+
+    Returns ``(start step, best validation loss, its step, history rows, elapsed training seconds)``.
+    """
+    if ckpt is None:
+        if ctx.rank == 0:  # a new run: outputs of an earlier one with other settings must not survive
+            for name in ("best.pt", "last.pt", "history.csv"):
+                (run_dir / name).unlink(missing_ok=True)
+        _reseed(seed, 0, ctx.rank)
+        return 0, math.inf, 0, [], 0.0
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    if scaler is not None and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    start, rows, best_step, elapsed = int(ckpt["step"]), [], 0, 0.0
+    if (run_dir / "history.csv").exists():
+        old = pd.read_csv(run_dir / "history.csv")
+        old = old[old["step"] <= start]
+        rows = old.to_dict("records")
+        best_step = int(old.loc[old["val_loss"].idxmin(), "step"]) if old["val_loss"].notna().any() else 0
+        elapsed = float(old["elapsed_s"].max()) if len(old) else 0.0
+    if ctx.rank == 0:
+        set_rng_state(ckpt["rng"])
+    else:  # other ranks' states are not stored: at a checkpoint every RNG equals this reseed
+        _reseed(seed, start, ctx.rank)
+    return start, float(ckpt["best_val"]), best_step, rows, elapsed
+
+
 def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: data.SliceCohort,
         val_cohort: data.SliceCohort, *, info: dict | None = None, log=print) -> FitResult:
     """Train ``model`` with ``cfg`` on ``train_cohort``, validating on ``val_cohort``; files under ``run_dir``.
@@ -291,32 +307,10 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
         raise ConfigError(f"amp='fp16' needs loss scaling inside training_step, which {model.name!r} overrides; "
                           "use amp='bf16'")
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    start, best_val, best_step, rows, elapsed = 0, math.inf, 0, [], 0.0
     ckpt = _resumable(run_dir, record, log)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        if scaler is not None and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        start, best_val = int(ckpt["step"]), float(ckpt["best_val"])
-        if (run_dir / "history.csv").exists():
-            old = pd.read_csv(run_dir / "history.csv")
-            old = old[old["step"] <= start]
-            rows = old.to_dict("records")
-            best_step = int(old.loc[old["val_loss"].idxmin(), "step"]) if old["val_loss"].notna().any() else 0
-            elapsed = float(old["elapsed_s"].max()) if len(old) else 0.0
-        if ctx.rank == 0:
-            set_rng_state(ckpt["rng"])
-        else:
-            _reseed(cfg.seed, start, ctx.rank)
-        if start < cfg.max_steps:
-            log(f"resuming {run_dir} at step {start}")
-    else:
-        if ctx.rank == 0:  # a new run: outputs of an earlier one with other settings must not survive
-            for name in ("best.pt", "last.pt", "history.csv"):
-                (run_dir / name).unlink(missing_ok=True)
-        _reseed(cfg.seed, 0, ctx.rank)
+    start, best_val, best_step, rows, elapsed = _restore(ckpt, model, optimizers, scaler, run_dir, cfg.seed, ctx)
+    if 0 < start < cfg.max_steps:
+        log(f"resuming {run_dir} at step {start}")
     hooks = []
     if ctx.world > 1:
         _broadcast(model.state_dict().values())
@@ -372,10 +366,9 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
                         save_torch(ck, run_dir / "best.pt")
                 t0 = time.time()  # validation and writing do not count as training time
             rows.append(row)
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "step" and not (isinstance(v, float) and math.isnan(v)):
-                        writer.add_scalar(k, v, step)
+            for k, v in row.items() if writer is not None else ():
+                if k != "step" and math.isfinite(v):
+                    writer.add_scalar(k, v, step)
             if ctx.rank == 0 and at_val:
                 save_dataframe(pd.DataFrame(rows), run_dir / "history.csv")
     finally:
@@ -396,12 +389,10 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
 
 
 def _tensorboard(run_dir: Path, cfg: LoopConfig):
-    if not cfg.tensorboard:
-        return None
-    try:
+    """A TensorBoard writer on ``run_dir/tb`` if asked for and TensorBoard is installed (optional), else None."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is not None:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # TensorBoard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
+        return SummaryWriter(str(run_dir / "tb"))
+    return None
 
 

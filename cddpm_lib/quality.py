@@ -13,7 +13,6 @@ How each metric is computed (the paper does not say; each choice is a parameter 
   annotation, healthy = brain minus annotation. ``region="volume"``: annotation vs everything else, background
   included (the authors' public code). Per fold, the ratio of the mean unhealthy l1 over the mean healthy l1 of
   the test volumes; volumes with an empty annotation only count towards neither.
-
 - **Perceptual**: LPIPS on MedicalNet features, or the labelled substitute (:mod:`cddpm_lib.perceptual`).
 
 Fold scores are means over test volumes; Table 2 reports mean ± std over folds with SSIM in %, LPIPS and l1
@@ -31,7 +30,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from . import data, paths, reconstruct, reference, stats, tables
@@ -43,8 +41,6 @@ from .perceptual import SUBSTITUTE_LABEL, resolve_perceptual
 from .runtime import default_device
 from .volumes import VolumeError, load_nifti, load_npz, save_npz
 
-#: models whose Table 2 rows use the t_test ensemble
-DIFFUSION_MODELS = ("ddpm", "pddpm", "cddpm")
 #: Wang et al. (2004) SSIM constants and window, used by :func:`ssim`
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -191,10 +187,6 @@ def parse_model(spec: str) -> tuple[str, bool]:
     return name, ssl
 
 
-def is_diffusion(spec: str) -> bool:
-    return parse_model(spec)[0] in DIFFUSION_MODELS
-
-
 def model_label(spec: str) -> str:
     """Display name of a Table row, e.g. ``cddpm-ssl`` -> ``cDDPM (SSL)``."""
     name, ssl = parse_model(spec)
@@ -267,7 +259,8 @@ def reconstruct_rows(model, rows: pd.DataFrame, weighting: str, out_dir: Path, c
 
 
 def _variant(cfg, spec: str) -> tuple[str, dict]:
-    variant = cfg.diffusion_variant if is_diffusion(spec) else "default"
+    """(variant, test-time kwargs): the configured one for the DDPM family, ``default`` for the others."""
+    variant = cfg.diffusion_variant if parse_model(spec)[0] in reference.DIFFUSION_MODELS else "default"
     return variant, reconstruct.variant_kwargs(variant)
 
 

@@ -120,7 +120,8 @@ def train(cfg: TrainConfig, log=print) -> FitResult:
             "augmentation": data.AUGMENT_P if cfg.augment else {},
             "ssl_encoder": str(ssl_encoder_path(cfg.profile, cfg.weighting, cfg.fold)) if cfg.ssl else None,
             "manifest": str(paths.preprocessed_manifest_path(cfg.source, cfg.profile))}
-    return fit(model, cfg, run_dir_of(cfg), train_set, val_set, info=info, log=log)
+    own = cfg.replace(model_hparams={cfg.model: cfg.model_hparams.get(cfg.model, {})})  # others' do not matter
+    return fit(model, own, run_dir_of(cfg), train_set, val_set, info=info, log=log)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from cddpm_lib import preprocessing as pp
 from cddpm_lib.config import ConfigError, profile_params
 from cddpm_lib.preprocessing import PreprocessConfig, PreprocessingError
 
-#: small, fast settings on a 3 mm grid (the quick profile's geometry, template skull stripping)
-FAST = dict(spacing_mm=3.0, pad_shape=(64, 64, 54), downsample=2, drop_slices=(3, 3), registration_shrink=(2, 1),
-            registration_sampling=0.1, skull_strip="template", n4_shrink=3, n4_iterations=(20, 20, 20), n_jobs=1)
+#: small, fast settings: the smoke profile's 6 mm grid, downsampled x2 to 16 x 16 x 10, template skull stripping
+FAST = dict(spacing_mm=6.0, pad_shape=(32, 32, 28), downsample=2, drop_slices=(2, 2), registration_shrink=(2, 1),
+            registration_sampling=0.5, skull_strip="template", n4_shrink=2, n4_iterations=(20, 20), n_jobs=1)
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +131,17 @@ def test_resample_isotropic_spacing_labels_and_linear_ramp():
     assert set(np.unique(sitk.GetArrayFromImage(lab))) == {0, 1}
 
 
-def test_registration_recovers_known_affine(head, cohort):
-    fixed, _, regmask = pp.template_grid("mni152", "", 3.0, 6.0)
+@pytest.fixture(scope="module")
+def registered(cohort):
+    """Subject 0 registered on the quick profile's 3 mm template grid."""
+    fixed, template_mask, regmask = pp.template_grid("mni152", "", 3.0, 6.0)
     moving = pp.resample_isotropic(pp._load_sitk(cohort[0]["t1"]), 3.0)
     tx, metric = pp.register_affine(fixed, moving, regmask, shrink=(2, 1), sampling=0.1)
+    return fixed, template_mask, tx, metric
+
+
+def test_registration_recovers_known_affine(head, cohort, registered):
+    fixed, _, tx, metric = registered
     _, brain, affine = head
     pts = (affine @ np.c_[np.argwhere(brain)[::97], np.ones(len(np.argwhere(brain)[::97]))].T).T[:, :3]
     lps = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
@@ -222,10 +229,12 @@ def test_outputs_shapes_affines_ranges_and_binary_labels(run, cohort):
             assert seg.dtype == np.uint8 and set(np.unique(seg)) == {0, 1}
 
 
-def test_template_skull_strip_matches_reference_mask(run):
+def test_template_skull_strip_matches_reference_mask(cohort, registered, run):
+    fixed, template_mask, tx, _ = registered
+    reference = pp.warp(pp._load_sitk(cohort[0]["brain_mask"], label=True), fixed, tx, label=True) > 0
+    assert pp.dice(pp.from_sitk(template_mask)[0] > 0, reference) >= 0.95  # 3 mm grid
     qc = run[3]
-    assert (qc["skull_strip"] == "template").all()
-    assert (qc["dice_vs_reference"] >= 0.95).all(), qc["dice_vs_reference"].tolist()
+    assert (qc["skull_strip"] == "template").all() and (qc["dice_vs_reference"] >= 0.85).all()  # 6 mm grid
 
 
 def test_manifest_keeps_rows_and_writes_relative_paths(run, cohort):
@@ -277,7 +286,7 @@ def test_already_skull_stripped_input_uses_image_mask(head, tmp_path):
         brain = np.asarray(nib.load(row["brain_mask"]).dataobj) > 0
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * brain, img.affine), row[w])
     qc = pp.preprocess_subject({**row, "skull_stripped": 1}, PreprocessConfig(**FAST), tmp_path / "out")
-    assert qc["status"] == "ok" and qc["skull_strip"] == "image>0" and qc["dice_vs_reference"] > 0.95
+    assert qc["status"] == "ok" and qc["skull_strip"] == "image>0" and qc["dice_vs_reference"] > 0.9
 
 
 def test_hdbet_missing_gives_a_fix_it_error(monkeypatch):
@@ -287,11 +296,9 @@ def test_hdbet_missing_gives_a_fix_it_error(monkeypatch):
 
 
 @pytest.mark.slow
-def test_deepbet_mask_dice_on_a_3mm_head(head, cohort):
-    fixed, _, regmask = pp.template_grid("mni152", "", 3.0, 6.0)
-    raw = pp._load_sitk(cohort[0]["t1"])
-    tx, _ = pp.register_affine(fixed, pp.resample_isotropic(raw, 3.0), regmask, shrink=(2, 1), sampling=0.1)
-    image = pp.warp(raw, fixed, tx)
+def test_deepbet_mask_dice_on_a_3mm_head(cohort, registered):
+    fixed, _, tx, _ = registered
+    image = pp.warp(pp._load_sitk(cohort[0]["t1"]), fixed, tx)
     reference = pp.warp(pp._load_sitk(cohort[0]["brain_mask"], label=True), fixed, tx, label=True) > 0
     assert pp.dice(pp.deepbet_mask(image, shape=192), reference) >= 0.95
 

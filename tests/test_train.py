@@ -117,3 +117,11 @@ def test_command_line_uses_the_profile(smoke_root, capsys):
     train.main(["profile=smoke", "model=ae", "max_steps=2", "val_every=1", "progress=false"])
     assert "best validation loss" in capsys.readouterr().out
     assert (paths.checkpoint_dir("smoke", "ae_t2", 0) / "best.pt").exists()
+
+
+def test_other_models_hparams_do_not_restart_a_finished_run(smoke_root):
+    train.train(_cfg("ae"), log=lambda *_: None)
+    last = paths.checkpoint_dir("smoke", "ae_t2", 0) / "last.pt"
+    stamp = last.stat().st_mtime_ns
+    again = train.train(_cfg("ae", model_hparams={**TINY, "ddpm": {"model_channels": 4}}), log=lambda *_: None)
+    assert again.steps == 2 and last.stat().st_mtime_ns == stamp
