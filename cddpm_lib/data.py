@@ -261,7 +261,7 @@ class TrainBatches(Dataset):
 
 def train_loader(cohort: SliceCohort, *, batch_size: int, seed: int, max_steps: int, start_step: int = 0,
                  slab_length: int = 1, skip_empty: bool = False, augment: bool = False, num_workers: int = 0,
-                 rank: int = 0, world: int = 1) -> DataLoader:
+                 rank: int = 0, world: int = 1, pin_memory: bool = False) -> DataLoader:
     """Endless-by-step training batches (one per step ``start_step … max_steps−1``); see the module docstring.
 
     ``batch_size`` counts slices per process; slab models get ``max(1, batch_size // slab_length)`` slabs.
@@ -269,9 +269,8 @@ def train_loader(cohort: SliceCohort, *, batch_size: int, seed: int, max_steps: 
     dataset = TrainBatches(cohort, slab_length, skip_empty, augment)
     per_rank = max(1, batch_size // slab_length)
     sampler = StepSampler(len(dataset), per_rank, seed, start_step, max_steps, rank, world)
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-                      prefetch_factor=2 if num_workers else None)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed), prefetch_factor=2 if num_workers else None)
 
 
 class ValWindows(Dataset):

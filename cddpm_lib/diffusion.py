@@ -33,7 +33,7 @@ Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Linear β schedule of Ho et al. (2020), rescaled to ``T`` steps (β ≤ 0.999 for very short chains) -> ``[T]``."""
+    """Linear β schedule of Ho et al. (2020) rescaled to ``T`` steps, β ≤ 0.999 (very short chains) -> ``[T]``."""
     scale = 1000 / T
     return torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64).clamp(max=0.999)
 
@@ -56,7 +56,8 @@ def make_betas(schedule: str, T: int) -> Tensor:
     raise ValueError(f"unknown noise schedule {schedule!r}; use 'cosine' or 'linear'")
 
 
-def _as_timesteps(t_test: int | Sequence[int], T: int) -> list[int]:
+def as_timesteps(t_test: int | Sequence[int], T: int) -> list[int]:
+    """``t_test`` (an int or a sequence = ensemble) as a list of time steps in ``[0, T]``; clear error otherwise."""
     ts = [int(t_test)] if isinstance(t_test, (int, float)) else [int(t) for t in t_test]
     if not ts or any(not 0 <= t <= T for t in ts):
         raise ValueError(f"t_test must be one or more integers in [0, {T}], got {t_test!r}")
@@ -99,7 +100,7 @@ class GaussianDiffusion(nn.Module):
         return torch.randint(1, self.T + 1, (n,), generator=generator, device=src).to(device)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """``x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε`` (paper §3.1); ``x0, noise: [N, C, H, W]``, ``t: [N]`` in 0..T."""
+        """``x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε`` (paper §3.1); ``x0, noise: [N, C, H, W]``, ``t: [N]``, 0 ≤ t ≤ T."""
         return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
@@ -138,7 +139,7 @@ class GaussianDiffusion(nn.Module):
         All slices × time steps go through the network in batches of at most ``max_batch``; the noise of every
         (t, slice) pair is drawn before batching, so ``max_batch`` does not change the result.
         """
-        ts = _as_timesteps(t_test, self.T)
+        ts = as_timesteps(t_test, self.T)
         b = x0.shape[0]
         t = torch.tensor(ts, device=x0.device).repeat_interleave(b)          # [len(ts) · B], t-major
         x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))
@@ -170,7 +171,7 @@ class GaussianDiffusion(nn.Module):
         ``steps`` evenly spaced steps. ``clip`` clamps ``x̂0`` at each step (images in [0, 1]).
         """
         t_start = self.T if t_start is None else int(t_start)
-        _as_timesteps(t_start, self.T)
+        as_timesteps(t_start, self.T)
         if x_start is not None:
             device = x_start.device
             x = self.q_sample(x_start, torch.full((x_start.shape[0],), t_start, device=device),
@@ -201,7 +202,8 @@ class GaussianDiffusion(nn.Module):
         return x
 
     def ddim_step(self, x_t: Tensor, x0_hat: Tensor, t: int, s: int) -> Tensor:
-        """DDIM (η = 0, Song et al. 2021 eq. 12): ``x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) ε̂``, ``ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t)``."""
+        """DDIM step ``t -> s`` (η = 0, Song et al. 2021 eq. 12): ``x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) ε̂`` with
+        ``ε̂ = (x_t − √ᾱ_t x̂0) / √(1 − ᾱ_t)``."""
         a_t, s_t = self.sqrt_alphas_cumprod[t].to(x_t.dtype), self.sqrt_one_minus_alphas_cumprod[t].to(x_t.dtype)
         a_s, s_s = self.sqrt_alphas_cumprod[s].to(x_t.dtype), self.sqrt_one_minus_alphas_cumprod[s].to(x_t.dtype)
         return a_s * x0_hat + s_s * (x_t - a_t * x0_hat) / s_t
@@ -216,4 +218,4 @@ def l1_loss(x_hat: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-__all__ = ["GaussianDiffusion", "linear_betas", "cosine_betas", "make_betas", "l1_loss"]
+__all__ = ["GaussianDiffusion", "as_timesteps", "linear_betas", "cosine_betas", "make_betas", "l1_loss"]

@@ -114,6 +114,8 @@ class DistContext:
 def init_distributed() -> DistContext:
     """Join the process group torchrun describes (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``); no-op otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist_context()
 
@@ -254,9 +256,7 @@ def validate(model: UADModel, loader, *, seed: int, device: torch.device, amp: s
 
 def _restore(ckpt, model, optimizers, scaler, run_dir: Path, seed: int, ctx: DistContext):
     """Load ``ckpt`` (``last.pt``) into the run, or clear a new run's folder; set the RNGs for the start step.
-
-    Returns ``(start step, best validation loss, its step, history rows, elapsed training seconds)``.
-    """
+    Returns ``(start step, best validation loss, its step, history rows, elapsed training seconds)``."""
     if ckpt is None:
         if ctx.rank == 0:  # a new run: outputs of an earlier one with other settings must not survive
             for name in ("best.pt", "last.pt", "history.csv"):
@@ -320,7 +320,8 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
                    "global_batch_slices": max(1, cfg.batch_size // slab) * slab * ctx.world}, run_dir / "config.json")
     loader = data.train_loader(train_cohort, batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps,
                                start_step=start, slab_length=slab, skip_empty=cfg.skip_empty, augment=cfg.augment,
-                               num_workers=cfg.num_workers, rank=ctx.rank, world=ctx.world)
+                               num_workers=cfg.num_workers, rank=ctx.rank, world=ctx.world,
+                               pin_memory=device.type == "cuda")
     val = data.val_loader(val_cohort, batch_size=cfg.batch_size, slab_length=slab)
     writer = _tensorboard(run_dir, cfg) if ctx.rank == 0 else None
     bar = tqdm(total=cfg.max_steps, initial=start, desc=model.name, disable=not cfg.progress or ctx.rank != 0,

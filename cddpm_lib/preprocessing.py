@@ -1,23 +1,34 @@
 """Pre-processing of raw brain MRIs into the kit's volumes (paper §4.2, after Baur et al. 2021).
 
-Per subject, in the paper's order:
+Per subject:
 
 1. resample to isotropic ``spacing_mm`` (cubic B-spline; masks/segmentations nearest neighbour),
-2. affine registration to a template (Mattes mutual information, multi-resolution; default the MNI152 T1
-   shipped with nilearn, or a user template such as SRI24 given by path),
-3. skull stripping (deepbet by default, HD-BET when installed and selected, or the registered template's brain
-   mask as a cheap stand-in); inputs that come skull-stripped (``skull_stripped=1``) derive the mask from the image,
+2. affine registration to a template (Mattes mutual information, multi-resolution, rigid then affine; default
+   the MNI152 T1 shipped with nilearn, or a user template such as SRI24's T1 given by path),
+3. skull stripping: deepbet (default), HD-BET (the paper's tool) when installed and selected, or the registered
+   template's brain mask (``template``, no network); inputs that come skull-stripped (``skull_stripped=1``,
+   BraTS) take the mask from the image,
 4. crop of black borders to the brain's bounding box,
 5. N4 bias-field correction inside the brain mask (fitted on a shrunk image, applied at full resolution),
 6. pad/crop to a common size, downsample, drop axial slices (paper: 192×192×160 → 96×96×80 → 96×96×50) and
    rescale intensities to [0, 1] from the 1st/99th percentile inside the brain mask (clipped, background 0),
 7. write t1/t2, brain mask and a binary segmentation (all labels > 0 fused) with their affines.
 
-Steps 1–2 are composed into a single resampling when writing: the isotropic image only serves the registration;
-the final volumes are interpolated once from the raw scan (sharper than resampling twice, same geometry).
-The registration uses a fixed-image mask (the template brain mask, dilated): the nilearn/SRI24 templates are
-brain-only, and without it mutual information can shrink a head with skull into the template's brain.
-One transform per subject is estimated on ``registration_weighting`` and applied to every weighting and mask.
+Order. The paper registers before skull stripping. The templates available offline (nilearn's MNI152, and
+SRI24) are brain-only, and mutual information between a head with skull, neck and background noise and a
+brain-only template has wrong optima: on the synthetic cohort the head-to-template registration enlarged the
+brain by 10–30 % for a third of the subjects (template-mask Dice 0.65–0.80), with the true transform scoring
+*worse*. So deepbet/HD-BET run first, in the subject's space (both are pose-independent), and the brain-only
+image is registered to the brain-only template (Dice 0.95–0.97 on every subject checked); the mask follows the
+same transform. The result is the paper's: a skull-stripped brain in template space. ``skull_strip="template"``
+keeps the paper's order (register the head, then take the template's mask): it needs no network but is only
+reliable for heads without neck and background noise, or data already near template space (ATLAS); the QC table
+records the method and, where the raw manifest has a brain mask, its Dice.
+
+Steps 1–2 are composed into a single resampling when writing: the isotropic image serves skull stripping and
+registration; the final volumes are interpolated once from the raw scan. The registration uses a fixed-image
+mask (the template brain mask, dilated). One transform per subject is estimated on ``registration_weighting``
+and applied to every weighting and mask.
 
 Real data (``$CDDPM_REAL_DATA``, manifests in ``data_manifests/``):
 
@@ -53,12 +64,13 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import manifests
-from .config import ConfigError, StageConfig
-from .volumes import VolumeError, load_nifti, save_dataframe, save_json, save_nifti
+from . import manifests, paths
+from .config import ConfigError, StageConfig, profile_params
+from .volumes import load_nifti, save_dataframe, save_json, save_nifti
 
 WEIGHTINGS = ("t1", "t2")
-STEPS = ("load", "resample", "register", "warp", "skull_strip", "crop", "n4", "resize", "rescale", "write")
+PIPELINE_VERSION = 1  # bump when the algorithm changes: subjects done by an older version are redone
+STEPS = ("load", "resample", "skull_strip", "register", "warp", "crop", "n4", "resize", "rescale", "write")
 _LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI/nibabel (RAS) <-> ITK (LPS)
 
 
@@ -99,6 +111,8 @@ class PreprocessConfig(StageConfig):
     montage_subjects: int = 3  # subjects shown before/after in the notebook
 
     def validate(self) -> None:
+        paths.check_profile(self.profile)
+        paths.check_source(self.source)
         if self.spacing_mm <= 0:
             raise ConfigError(f"spacing_mm must be > 0, got {self.spacing_mm}")
         if any(s % self.downsample for s in self.pad_shape):
@@ -112,6 +126,14 @@ class PreprocessConfig(StageConfig):
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ConfigError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
 
+    @classmethod
+    def from_namespace(cls, namespace):
+        """From a notebook's globals: parameters left at ``None`` take the profile's value
+        (``profiles/preprocessing.yaml``), then the default — ``papermill -p profile smoke`` alone is a smoke run."""
+        given = {k: namespace[k] for k in cls.field_names() if k in namespace and namespace[k] is not None}
+        profile = paths.check_profile(given.get("profile", cls.profile))
+        return cls.from_params({**profile_params("preprocessing", profile), **given})
+
     @property
     def output_shape(self) -> tuple[int, int, int]:
         x, y, z = (s // self.downsample for s in self.pad_shape)
@@ -120,7 +142,7 @@ class PreprocessConfig(StageConfig):
     def signature(self) -> str:
         """Hash of the fields that change the outputs (resumed subjects must match it)."""
         runtime = {"profile", "source", "n_jobs", "allow_failures", "montage_subjects"}
-        d = {k: v for k, v in self.to_dict().items() if k not in runtime}
+        d = {k: v for k, v in self.to_dict().items() if k not in runtime} | {"version": PIPELINE_VERSION}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -165,7 +187,8 @@ def resample_isotropic(image: sitk.Image, spacing_mm: float, *, label: bool = Fa
     sigma = [0.5 * np.sqrt(max(spacing_mm ** 2 - s ** 2, 0.0)) for s in image.GetSpacing()]
     for axis, sig in enumerate(sigma):
         if not label and sig > 0:
-            image = sitk.RecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sig, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+            image = sitk.RecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sig, False,
+                                           sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), (spacing_mm,) * 3,
                          image.GetDirection(), 0.0, image.GetPixelID())
 
@@ -208,10 +231,13 @@ def template_grid(template: str, template_mask: str, spacing_mm: float,
 
 def _mattes_mi(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, fixed_mask: sitk.Image | None,
                shrink: tuple[int, ...], sampling: float, iterations: int, seed: int) -> tuple[sitk.Transform, float]:
-    """One multi-resolution Mattes-MI optimisation (Gaussian sigmas ``shrink / 2`` voxels per level)."""
+    """One multi-resolution Mattes-MI optimisation (Gaussian sigmas ``shrink / 2`` voxels per level); the fixed
+    ``seed`` of the random metric samples makes runs reproducible."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
+    if seed <= 0:
+        raise ValueError(f"seed must be > 0 (ITK reads 0 as 'seed from the wall clock'), got {seed}")
     reg.SetMetricSamplingPercentage(sampling, seed)
     if fixed_mask is not None:
         reg.SetMetricFixedMask(sitk.Cast(fixed_mask, sitk.sitkUInt8))
@@ -230,12 +256,13 @@ def _mattes_mi(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, f
 
 def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None, *,
                     shrink: tuple[int, ...] = (4, 2, 1), sampling: float = 0.05, iterations: int = 200,
-                    seed: int = 0) -> tuple[sitk.AffineTransform, float]:
+                    seed: int = 1) -> tuple[sitk.AffineTransform, float]:
     """Step 2 (§4.2): affine registration with Mattes mutual information, multi-resolution.
 
     Rigid first (moments-initialised, whole pyramid ``shrink``), then affine from the rigid result (the last two
-    levels): fitting 12 parameters at once from the moments lets MI trade scale for the skull on brain-only
-    templates (errors of ~10 mm on 3 mm grids in our checks; rigid-then-affine: < 1 mm).
+    levels): fitting 12 parameters at once from the moments let MI trade scale against the skull (template-derived
+    heads with skull, 3 mm grid, known pose: mean errors 8–12 mm for two of three subjects; rigid then affine:
+    0.7–0.8 mm for all). The pipeline registers the skull-stripped brain (see the module docstring).
     Returns the transform mapping *fixed* (template) points to *moving* (subject) points — what
     ``sitk.Resample(moving, fixed, transform)`` needs — and the final metric value (lower is better).
     """
@@ -302,11 +329,12 @@ def _deepbet_model():
 
 
 def deepbet_mask(image: np.ndarray, *, shape: int = 256, threshold: float = 0.5) -> np.ndarray:
-    """deepbet brain mask of a RAS-oriented head ``image [X, Y, Z]`` (any spacing).
+    """deepbet brain mask of a RAS-oriented head ``image [X, Y, Z]`` (any spacing, any pose).
 
-    deepbet finds the head's bounding box on a 128³ copy and segments that box resampled to ``shape``³, so it
-    does not depend on the input spacing: it runs directly on the 3 mm and 6 mm grids of the quick/smoke profiles
-    (Dice ≥ 0.97 against the MNI brain mask on template-derived heads; see ``benchmarks/results/preprocessing.md``).
+    deepbet finds the head's bounding box on a 128³ copy and segments that box resampled to ``shape``³ (256 is
+    its default), so it does not depend on the input spacing and runs directly on the 3 mm and 6 mm grids of the
+    quick/smoke profiles. Dice against the generator's brain masks, on the subject's own grid: 0.95–0.97 at 3 mm
+    (``shape`` 192), 0.93/0.91/0.81 at 6 mm (192/160/128); see ``benchmarks/results/preprocessing.md``.
     """
     bet = _deepbet_model()
     prob = bet.run_model(np.ascontiguousarray(image, np.float32), shape=(shape,) * 3)
@@ -321,8 +349,9 @@ def hdbet_mask(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """
     exe = shutil.which("hd-bet")
     if exe is None:
-        raise PreprocessingError("skull_strip='hdbet' but the hd-bet command is not installed "
-                                 "(pip install hd-bet, weights included); or use skull_strip='deepbet'")
+        raise PreprocessingError("skull_strip='hdbet' but the hd-bet command is not installed: install HD-BET "
+                                 "and its model weights (https://github.com/MIC-DKFZ/HD-BET), or use "
+                                 "skull_strip='deepbet'")
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -411,7 +440,8 @@ def downsample_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def rescale_percentiles(image: np.ndarray, mask: np.ndarray, percentiles=(1.0, 99.0)) -> tuple[np.ndarray, float, float]:
+def rescale_percentiles(image: np.ndarray, mask: np.ndarray,
+                        percentiles=(1.0, 99.0)) -> tuple[np.ndarray, float, float]:
     """Step 6 (end): map the ``percentiles`` inside ``mask`` to [0, 1], clip, zero outside the mask."""
     values = image[mask]
     if values.size == 0:
@@ -473,16 +503,36 @@ def _load_sitk(path: str, *, label: bool = False) -> sitk.Image:
     return to_sitk((arr > 0).astype(np.uint8) if label else arr.astype(np.float32), affine)
 
 
-def _brain_mask(image: np.ndarray, affine: np.ndarray, template_mask: sitk.Image, skull_stripped: bool,
-                cfg: PreprocessConfig) -> tuple[str, np.ndarray]:
-    """Step 3 on the registered head: ``(method, mask)``; already skull-stripped inputs use ``image > 0``."""
-    if skull_stripped:
-        return "image>0", mask_from_image(image)
-    if cfg.skull_strip == "template":
-        return "template", from_sitk(template_mask)[0] > 0
-    if cfg.skull_strip == "hdbet":
-        return "hdbet", hdbet_mask(image, affine)
-    return "deepbet", deepbet_mask(image, shape=cfg.deepbet_shape)
+def native_brain_mask(image: sitk.Image, method: str, *, deepbet_shape: int = 256) -> sitk.Image:
+    """Step 3 in the subject's space: brain mask (``uint8`` image on ``image``'s grid).
+
+    ``method``: ``image>0`` (input already skull-stripped; pass the raw scan, whose background is exactly 0),
+    ``deepbet`` or ``hdbet`` (pass the isotropic image). deepbet sees the image in RAS orientation (axes
+    flipped/permuted from the scan's, and back for the mask).
+    """
+    import nibabel as nib
+
+    arr, affine = from_sitk(image)
+    if method == "image>0":
+        mask = mask_from_image(arr)
+    elif method == "hdbet":
+        mask = hdbet_mask(arr, affine)
+    else:
+        ornt = nib.io_orientation(affine)
+        ras = np.array([[0, 1], [1, 1], [2, 1]])
+        canonical = nib.orientations.apply_orientation(arr, nib.orientations.ornt_transform(ornt, ras))
+        mask = deepbet_mask(canonical, shape=deepbet_shape)
+        mask = nib.orientations.apply_orientation(mask, nib.orientations.ornt_transform(ras, ornt))
+    return to_sitk(np.asarray(mask, np.uint8), affine)
+
+
+def _check_scales(tx: sitk.Transform, fixed: sitk.Image, metric: float, cfg: PreprocessConfig, qc: dict) -> None:
+    center = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    scales = transform_scales(tx, center)
+    qc.update(registration_metric=metric, registration_scale_min=scales.min(), registration_scale_max=scales.max())
+    if not np.isfinite(metric) or scales.max() > cfg.max_scale or scales.min() < 1 / cfg.max_scale:
+        raise PreprocessingError(f"registration diverged: scalings {np.round(scales, 3).tolist()} outside "
+                                 f"[1/{cfg.max_scale}, {cfg.max_scale}] (metric {metric:.3f})")
 
 
 def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc: dict, clock: _Clock) -> None:
@@ -490,7 +540,8 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
     if not present:
         raise PreprocessingError(f"no image among weightings {cfg.weightings} in the manifest row")
     ref = cfg.registration_weighting if cfg.registration_weighting in present else present[0]
-    qc["registration_weighting"] = ref
+    method = "image>0" if int(subject.get("skull_stripped", 0)) == 1 else cfg.skull_strip
+    qc.update(registration_weighting=ref, skull_strip=method)
     with clock("load"):
         raw = {w: _load_sitk(subject[w]) for w in present}
         labels = {k: _load_sitk(subject[k], label=True) for k in ("brain_mask", "seg") if subject.get(k)}
@@ -498,28 +549,29 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
         iso = resample_isotropic(raw[ref], cfg.spacing_mm)
         fixed, tmask, regmask = template_grid(cfg.template, cfg.template_mask, cfg.spacing_mm,
                                               cfg.registration_mask_dilation_mm)
+    native = None
+    with clock("skull_strip"):
+        if method != "template":
+            native = native_brain_mask(raw[ref] if method == "image>0" else iso, method,
+                                       deepbet_shape=cfg.deepbet_shape)
+            ml = float(sitk.GetArrayViewFromImage(native).sum() * np.prod(native.GetSpacing()) / 1000)
+            if ml < cfg.min_brain_ml:
+                raise PreprocessingError(f"brain mask empty or too small: {ml:.0f} ml < "
+                                         f"min_brain_ml={cfg.min_brain_ml:g} ({method})")
+            on_iso = sitk.Resample(native, iso, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            iso = sitk.Cast(iso, sitk.sitkFloat32) * sitk.Cast(on_iso, sitk.sitkFloat32)
     with clock("register"):
         tx, metric = register_affine(fixed, iso, regmask, shrink=cfg.registration_shrink,
                                      sampling=cfg.registration_sampling, iterations=cfg.registration_iterations)
-        center = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
-        scales = transform_scales(tx, center)
-        qc.update(registration_metric=metric, registration_scale_min=scales.min(), registration_scale_max=scales.max())
-        if not np.isfinite(metric) or scales.max() > cfg.max_scale or scales.min() < 1 / cfg.max_scale:
-            raise PreprocessingError(f"registration diverged: scalings {np.round(scales, 3).tolist()} outside "
-                                     f"[1/{cfg.max_scale}, {cfg.max_scale}] (metric {metric:.3f})")
+        _check_scales(tx, fixed, metric, cfg, qc)
     with clock("warp"):
         images = {w: warp(raw[w], fixed, tx) for w in present}
         labs = {k: warp(v, fixed, tx, label=True) > 0 for k, v in labels.items()}
-        affine = sitk_affine(fixed)
-    with clock("skull_strip"):
-        stripped = int(subject.get("skull_stripped", 0)) == 1
-        qc["skull_strip"], mask = _brain_mask(images[ref], affine, tmask, stripped, cfg)
+        mask = from_sitk(tmask)[0] > 0 if native is None else warp(native, fixed, tx, label=True) > 0
         qc["brain_ml"] = float(mask.sum() * cfg.spacing_mm ** 3 / 1000)
-        if qc["brain_ml"] < cfg.min_brain_ml:
-            raise PreprocessingError(f"brain mask empty or too small: {qc['brain_ml']:.0f} ml < "
-                                     f"min_brain_ml={cfg.min_brain_ml:g} ({qc['skull_strip']})")
         qc["dice_vs_reference"] = dice(mask, labs["brain_mask"]) if "brain_mask" in labs else np.nan
         images = {w: im * mask for w, im in images.items()}
+        affine = sitk_affine(fixed)
     with clock("crop"):
         box = bounding_box(mask)
         images = {w: im[box] for w, im in images.items()}
@@ -641,6 +693,8 @@ def preprocess_manifest(cfg: PreprocessConfig, raw_manifest: str | os.PathLike |
     new = {(r["dataset"], r["subject_id"]): r for r in _run_all(todo, cfg, out_dir, progress)}
     qc = pd.DataFrame([done[k] or new[k] for k in ((s["dataset"], s["subject_id"]) for s in subjects)])
     qc = qc.drop(columns=["traceback"], errors="ignore")
+    if "files" not in qc:  # no subject succeeded
+        qc["files"] = ""
     ok = qc.loc[qc["status"] == "ok"].set_index(["dataset", "subject_id"])["files"]
     rows = []
     for row in raw.to_dict("records"):
@@ -688,27 +742,33 @@ def qc_summary(qc: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_timings(qc: pd.DataFrame):
-    """Box plot of seconds per subject for each step (freshly processed subjects only)."""
+    """Box plot of seconds per subject for each step (successful subjects; reused ones keep the times recorded
+    when they were processed)."""
     import matplotlib.pyplot as plt
 
-    q = qc.loc[(qc["status"] == "ok") & ~qc["reused"].astype(bool)]
+    q = qc.loc[qc["status"] == "ok"]
     steps = [s for s in STEPS if f"time_{s}" in q]
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.boxplot([q[f"time_{s}"].to_numpy(float) for s in steps], showfliers=True)
     ax.set_xticks(range(1, len(steps) + 1), steps, rotation=30)
     ax.set_ylabel("seconds / subject")
-    ax.set_title(f"pre-processing time per step ({len(q)} subjects processed in this run)")
+    ax.set_title(f"pre-processing time per step ({len(q)} subjects)")
     fig.tight_layout()
     return fig
 
 
-def plot_before_after(raw: pd.DataFrame, manifest: pd.DataFrame, n_subjects: int = 3, weighting: str = "t1"):
+def plot_before_after(raw: pd.DataFrame | str | os.PathLike, manifest: pd.DataFrame, n_subjects: int = 3,
+                      weighting: str = "t2"):
     """Mid axial slice of the raw scan next to the pre-processed axial and coronal slices (mask and lesion
-    outlines in cyan and red), for up to ``n_subjects`` subjects, lesion subjects first."""
+    outlines in cyan and red), for the first subject of up to ``n_subjects`` data sets, lesion data sets first.
+
+    ``raw``: the raw manifest (path or frame with absolute paths); ``manifest``: the pre-processed one."""
     import matplotlib.pyplot as plt
     import nibabel as nib
 
-    rows = manifest.loc[manifest[weighting] != ""].drop_duplicates(["dataset", "subject_id"])
+    raw = raw if isinstance(raw, pd.DataFrame) else manifests.load_manifest(raw)
+
+    rows = manifest.loc[manifest[weighting] != ""].drop_duplicates("dataset")  # one subject per data set
     rows = rows.assign(_les=rows["seg"] == "").sort_values("_les", kind="stable").head(n_subjects)
     raw_path = {(d, s): p for d, s, p in zip(raw["dataset"], raw["subject_id"], raw[weighting])}
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * max(1, len(rows))), squeeze=False)

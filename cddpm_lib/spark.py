@@ -5,7 +5,8 @@ Stage ``ssl`` (notebook 02): on the same healthy IXI training slices as the main
 :class:`~cddpm_lib.encoder.ResNetEncoder` learns to reconstruct masked-out patches; afterwards the decoder is
 discarded and the encoder saved (``encoder.save_encoder_weights``) to
 ``paths.checkpoint_dir(profile, "spark_<w>", fold) / "encoder.pt"``, from where the training stage loads it into
-the cDDPM (``ssl=True``). The optimisation loop is the engine's (:func:`cddpm_lib.engine.fit`).
+the cDDPM (``ssl=True``). The optimisation loop is the engine's (:func:`cddpm_lib.engine.fit`); the encoder
+saved is the one of the lowest masked-patch loss on the healthy validation fold (fixed validation masks).
 
 The method, step by step (:meth:`SparK.loss`):
 
@@ -212,8 +213,9 @@ class SparK(UADModel):
     def configure_optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
         """AdamW (SparK): weight decay on weights, none on biases, norms and mask tokens."""
         no_decay = {id(t) for t in self.mask_tokens} | {id(p) for p in self.parameters() if p.ndim <= 1}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in no_decay], "weight_decay": self.weight_decay},
-                  {"params": [p for p in self.parameters() if id(p) in no_decay], "weight_decay": 0.0}]
+        params = list(self.parameters())
+        groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
         return [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))]
 
     @torch.no_grad()

@@ -43,9 +43,9 @@ class TrainConfig(LoopConfig):
     SparK-pretrained one (notebook 02).
     """
 
-    model: str = "cddpm"
-    ssl: bool = False
-    model_hparams: dict = dataclasses.field(default_factory=dict)
+    model: str = "cddpm"  # ddpm | cddpm | pddpm | ae | vae | svae | dae | fanogan (models.MODEL_NAMES)
+    ssl: bool = False  # cDDPM only: encoder initialised by SparK (stage ssl), paper §3.3
+    model_hparams: dict = dataclasses.field(default_factory=dict)  # {model: {builder argument: value}}
 
     def validate(self) -> None:
         super().validate()
@@ -59,7 +59,6 @@ class TrainConfig(LoopConfig):
         if self.ssl and self.model != "cddpm":
             raise ConfigError(f"parameter 'ssl': SparK pre-training applies to the cDDPM encoder only, "
                               f"not to model {self.model!r}")
-
 
 
 # --------------------------------------------------------------------------------------------------------------

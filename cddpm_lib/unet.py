@@ -207,7 +207,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                self.up.append(Level(res(ch + skip_chs.pop(), mult * model_channels), attn(mult * model_channels, level)))
+                out_ch = mult * model_channels
+                self.up.append(Level(res(ch + skip_chs.pop(), out_ch), attn(out_ch, level)))
                 ch = mult * model_channels
                 if level > 0 and i == num_res_blocks:
                     self.up.append(res(ch, ch, "up") if resblock_updown else
@@ -215,7 +216,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def embedding(self, batch: int, t: Tensor | None, cond: Tensor | None) -> Tensor | None:
-        """``c' = concat(c, c_t)`` of paper §3.2 (``[B, 2d]``); ``c_t`` alone without encoder; ``None`` without both."""
+        """``c' = concat(c, c_t)`` of paper §3.2 (``[B, 2d]``); ``c_t`` alone without encoder; ``None`` without
+        either."""
         parts = []
         if self.cond_dim is not None:
             if cond is None or cond.shape != (batch, self.cond_dim):

@@ -26,6 +26,15 @@ TINY = {
 TRAINED = ("ae", "vae", "svae", "dae", "fanogan")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads; one thread keeps the file fast on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def phantom_slices(n: int = 8, size: tuple[int, int] = SIZE, seed: int = 0) -> dict[str, torch.Tensor]:
     """Consecutive axial slices of a smooth synthetic 'brain': an ellipse whose radius varies with the slice
     index, a darker 'ventricle' inside, mild smooth texture. ``image, mask: [n, 1, H, W]``."""

@@ -100,6 +100,8 @@ def test_cddpm_encoder_sees_the_clean_input_or_the_conditioning_image():
     assert not torch.allclose(other, default)
     with pytest.raises(ValueError, match="conditioning_image"):
         model.reconstruct(x, conditioning_image=x[:1])
+    with pytest.raises(ValueError, match="only for the conditioned model"):
+        _build("ddpm").reconstruct(x, conditioning_image=x)
 
 
 def test_cddpm_exposes_its_encoder_for_spark_weights(tmp_path):

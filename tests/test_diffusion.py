@@ -147,7 +147,8 @@ def test_posterior_matches_ho_et_al_equation_7():
     b = linear_betas(1000).numpy()
     abar = np.cumprod(1 - b)
     beta, ab, ab_prev = b[t - 1], abar[t - 1], abar[t - 2]
-    mean_ref = (np.sqrt(ab_prev) * beta / (1 - ab)) * x0.numpy() + (np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x_t.numpy()
+    coef_x0, coef_xt = np.sqrt(ab_prev) * beta / (1 - ab), np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
+    mean_ref = coef_x0 * x0.numpy() + coef_xt * x_t.numpy()
     mean, var = d.q_posterior_mean_variance(x0, x_t, torch.tensor([t]))
     assert np.allclose(mean.numpy(), mean_ref, atol=1e-6)
     assert float(var.flatten()[0]) == pytest.approx((1 - ab_prev) / (1 - ab) * beta, rel=1e-5)

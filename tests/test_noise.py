@@ -61,7 +61,7 @@ def test_vectorised_simplex_matches_scalar_reference():
     pts = _random_points(600)
     ref = np.array([reference_opensimplex2d(a, b, perm[0].tolist()) for a, b in pts])
     got = opensimplex2d(torch.tensor(pts[:, 0])[None], torch.tensor(pts[:, 1])[None], perm)[0].numpy()
-    assert np.abs(got - ref).max() <= 1e-5
+    assert np.abs(got - ref).max() <= 1e-9  # float64; the required agreement is 1e-5
     assert ref.std() > 0.1  # the points exercise a non-trivial field
 
 
@@ -72,7 +72,7 @@ def test_vectorised_simplex_matches_opensimplex_package():
     pts = _random_points(400, seed=1)
     ref = np.array([gen.noise2(a, b) for a, b in pts])
     got = opensimplex2d(torch.tensor(pts[:, 0])[None], torch.tensor(pts[:, 1])[None], perm)[0].numpy()
-    assert np.abs(got - ref).max() <= 1e-5
+    assert np.abs(got - ref).max() <= 1e-9  # float64; the required agreement is 1e-5
 
 
 def test_float32_simplex_agrees_with_float64():
@@ -84,14 +84,14 @@ def test_float32_simplex_agrees_with_float64():
 
 
 def test_normalised_fields_have_zero_mean_unit_variance():
-    eps = SimplexNoise()((6, 1, 48, 48), generator=torch.Generator().manual_seed(0))
+    eps = SimplexNoise(normalize=True)((6, 1, 48, 48), generator=torch.Generator().manual_seed(0))
     assert eps.shape == (6, 1, 48, 48)
     assert torch.allclose(eps.mean(dim=(-2, -1)), torch.zeros(6, 1), atol=1e-5)
     assert torch.allclose(eps.std(dim=(-2, -1)), torch.ones(6, 1), atol=1e-4)
 
 
 def test_unnormalised_fields_are_centred_and_bounded():
-    eps = SimplexNoise(normalize=False, frequency=1 / 8)((32, 1, 32, 32), generator=torch.Generator().manual_seed(1))
+    eps = SimplexNoise(frequency=1 / 8)((32, 1, 32, 32), generator=torch.Generator().manual_seed(1))
     amplitude = sum(0.8 ** k for k in range(6))
     assert eps.abs().max() < amplitude
     assert abs(float(eps.mean())) < 0.05

@@ -269,11 +269,16 @@ def test_corrupt_input_is_reported_and_skipped(run, cohort, tmp_path):
     with pytest.raises(PreprocessingError, match="broken at load"):
         pp.check_failures(qc)
     pp.check_failures(qc, allow_failures=True)
+    alone, qc_alone = pp.preprocess_manifest(cfg, raw_manifest([bad]), tmp_path / "pre", progress=False)
+    assert alone.empty and list(qc_alone["status"]) == ["failed"]
 
 
 def test_empty_mask_and_divergence_fail_at_their_step(cohort, tmp_path):
-    too_big = pp.preprocess_subject(cohort[0], PreprocessConfig(**{**FAST, "min_brain_ml": 1e6}), tmp_path)
-    assert too_big["failure_step"] == "skull_strip" and "too small" in too_big["failure_reason"]
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.diag([3.0, 3.0, 3.0, 1.0])), blank)
+    empty = pp.preprocess_subject({**cohort[0], "t1": str(blank), "t2": "", "skull_stripped": 1},
+                                  PreprocessConfig(**FAST), tmp_path)
+    assert empty["failure_step"] == "skull_strip" and "too small" in empty["failure_reason"]
     strict = pp.preprocess_subject(cohort[0], PreprocessConfig(**{**FAST, "max_scale": 1.0001}), tmp_path)
     assert strict["failure_step"] == "register" and "diverged" in strict["failure_reason"]
     assert not (tmp_path / "IXI").exists()
@@ -291,7 +296,7 @@ def test_already_skull_stripped_input_uses_image_mask(head, tmp_path):
 
 def test_hdbet_missing_gives_a_fix_it_error(monkeypatch):
     monkeypatch.setattr(pp.shutil, "which", lambda name: None)
-    with pytest.raises(PreprocessingError, match="pip install hd-bet"):
+    with pytest.raises(PreprocessingError, match="hd-bet command is not installed"):
         pp.hdbet_mask(np.zeros((4, 4, 4), np.float32), np.eye(4))
 
 
@@ -309,5 +314,5 @@ def test_parallel_run_matches_serial(cohort, run, tmp_path):
     par = dataclasses.replace(cfg, n_jobs=2)
     manifest2, qc2 = pp.preprocess_manifest(par, raw_manifest(cohort[:2]), tmp_path / "pre", progress=False)
     assert (qc2["status"] == "ok").all()
-    for a, b in zip(manifest2["t2"], manifest["t2"][:2]):
-        np.testing.assert_allclose(nib.load(a).get_fdata(), nib.load(b).get_fdata(), atol=0.05)
+    for a, b in zip(manifest2["t2"], manifest["t2"][:2]):  # other thread counts, same registration
+        np.testing.assert_allclose(nib.load(a).get_fdata(), nib.load(b).get_fdata(), atol=1e-3)

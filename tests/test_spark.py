@@ -125,3 +125,15 @@ def test_pretrained_encoder_loads_into_the_cddpm(tmp_path, monkeypatch):
                                                       encoder_width=16, cond_dim=16)})
     with pytest.raises(ValueError, match="architecture mismatch"):
         train.build_run_model(wrong, (32, 32))
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_profiles_pretrain_the_encoder_the_cddpm_uses(profile):
+    from cddpm_lib.config import profile_params
+
+    ssl = spark.SSLConfig(**{k: v for k, v in profile_params("ssl", profile).items()
+                             if k in spark.SSLConfig.field_names()})
+    cddpm = {**{k: v.default for k, v in inspect.signature(build_cddpm).parameters.items()},
+             **profile_params("training", profile).get("model_hparams", {}).get("cddpm", {})}
+    for field in ("encoder_depth", "encoder_width", "encoder_norm", "cond_dim"):
+        assert getattr(ssl, field) == cddpm[field], (profile, field)

@@ -13,8 +13,9 @@ in the middle block only, T = 1000, cosine schedule, simplex noise (6 octaves, p
 1/64 at 96 px — scaled with the image size, :func:`cddpm_lib.noise.make_noise`), ``d = 128`` (paper; the
 authors' code: 512) and a ResNet-50 encoder (authors' code; the paper only says "ResNet"). Documented choices:
 
-- ``noise_normalize=True``: each simplex field is standardised (the authors' fields are not);
-  ``noise_shared=True`` repeats one field over the batch as the authors' code does.
+- Simplex noise: an independent field per slice (``noise_shared=True`` repeats one field over the batch as the
+  authors' code does); fields are not normalised, as in the authors' code (std ≈ 0.6), so a given ``t_test``
+  removes as much of the image as there; ``noise_normalize=True`` standardises each field.
 - ``mask_loss=False``: ``L_rec`` over the whole slice as in the authors' code; ``True`` restricts it to the brain.
 - ``reconstruct`` returns the raw ``x̂0`` (no clipping, no masking); post-processing masks residuals later.
 """
@@ -55,12 +56,14 @@ class DiffusionAD(UADModel):
     name = "ddpm"
     #: keyword hyper-parameters a subclass adds (anything else is an error)
     extra_hparams: ClassVar[tuple[str, ...]] = ()
+    #: True when the U-Net takes the encoder's context vector c (cDDPM)
+    conditioned: ClassVar[bool] = False
 
     def __init__(self, image_size: Sequence[int], model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2),
                  num_res_blocks: int = 3, attention_levels: Sequence[int] = (), mid_attention: bool = True,
                  num_heads: int = 4, dropout: float = 0.0, T: int = 1000, schedule: str = "cosine",
                  noise: str = "simplex", noise_octaves: int = 6, noise_persistence: float = 0.8,
-                 noise_frequency: float | None = None, noise_normalize: bool = True, noise_shared: bool = False,
+                 noise_frequency: float | None = None, noise_normalize: bool = False, noise_shared: bool = False,
                  mask_loss: bool = False, lr: float | None = None, **extra: Any) -> None:
         unknown = sorted(set(extra) - set(self.extra_hparams))
         if unknown:
@@ -131,6 +134,8 @@ class DiffusionAD(UADModel):
     def conditioning(self, x: Tensor, conditioning_image: Tensor | None, max_batch: int | None) -> Tensor | None:
         """``c`` from ``conditioning_image`` when given, else from the clean input ``x``."""
         if conditioning_image is not None:
+            if not self.conditioned:
+                raise ValueError(f"{self.name}: conditioning_image is only for the conditioned model (cddpm)")
             self.check_slices(conditioning_image, "conditioning_image")
             if conditioning_image.shape[0] != x.shape[0]:
                 raise ValueError(f"{self.name}: conditioning_image has {conditioning_image.shape[0]} slices, "
@@ -151,11 +156,9 @@ class DiffusionAD(UADModel):
                 raise ValueError(f"{self.name}.sample: give n, x_start or conditioning_image")
             n = ref.shape[0]
         cond_src = conditioning_image if conditioning_image is not None else x_start
-        cond = None
-        if self.hparams.get("cond_dim") is not None:
-            if cond_src is None:
-                raise ValueError(f"{self.name}.sample: the conditioned model needs conditioning_image or x_start")
-            cond = self.context(cond_src.to(device))
+        if self.conditioned and cond_src is None:
+            raise ValueError(f"{self.name}.sample: the conditioned model needs conditioning_image or x_start")
+        cond = None if cond_src is None else self.context(cond_src.to(device))
         return self.diffusion.sample(self.denoise, (n, 1, *self.image_size), cond=cond,
                                      x_start=None if x_start is None else x_start.to(device), t_start=t_start,
                                      method=method, steps=steps, generator=generator, device=device)
@@ -166,6 +169,7 @@ class ConditionedDiffusionAD(DiffusionAD):
 
     name = "cddpm"
     extra_hparams = ("encoder_depth", "cond_dim", "encoder_width", "encoder_norm")
+    conditioned = True
 
     def __init__(self, image_size: Sequence[int], encoder_depth: int = 50, cond_dim: int = 128,
                  encoder_width: int = 64, encoder_norm: str = "group", **kwargs: Any) -> None:
@@ -185,7 +189,7 @@ def build_ddpm(image_size: Sequence[int], model_channels: int = 128, channel_mul
                num_res_blocks: int = 3, attention_levels: Sequence[int] = (), mid_attention: bool = True,
                num_heads: int = 4, dropout: float = 0.0, T: int = 1000, schedule: str = "cosine",
                noise: str = "simplex", noise_octaves: int = 6, noise_persistence: float = 0.8,
-               noise_frequency: float | None = None, noise_normalize: bool = True, noise_shared: bool = False,
+               noise_frequency: float | None = None, noise_normalize: bool = False, noise_shared: bool = False,
                mask_loss: bool = False, lr: float | None = None) -> DiffusionAD:
     """DDPM of paper §3.1/§4.4 (module docstring for every choice); ``image_size = (H, W)``."""
     return DiffusionAD(image_size, model_channels=model_channels, channel_mult=channel_mult,

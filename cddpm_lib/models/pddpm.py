@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..diffusion import _as_timesteps, l1_loss
+from ..diffusion import as_timesteps, l1_loss
 from .ddpm import DiffusionAD, check_image_size
 
 
@@ -111,7 +111,7 @@ class PatchedDiffusionAD(DiffusionAD):
             raise ValueError("pddpm.reconstruct: the patched DDPM takes no conditioning_image")
         self.check_slices(x, "reconstruct")
         d = self.diffusion
-        ts = _as_timesteps(t_test, d.T)
+        ts = as_timesteps(t_test, d.T)
         n_t, n_p, b = len(ts), self.masks.shape[0], x.shape[0]
         t = torch.tensor(ts, device=x.device).repeat_interleave(b)                        # [n_t · B]
         x_rep = x.repeat(n_t, 1, 1, 1)
