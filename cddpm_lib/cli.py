@@ -61,7 +61,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         out = score_scan(Path(args.scan), Path(args.checkpoint), Path(args.output), weighting=args.weighting,
                          threshold=args.threshold, t_test=args.t_test, device=args.device,
-                         skull_stripped=args.skull_stripped)
+                         skull_stripped=args.skull_stripped, profile=args.profile)
     except ScoringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="residual threshold (default: the one chosen on validation, from the run's results)")
     s.add_argument("--t-test", type=int, nargs="+", default=None, help="diffusion t_test (several = ensemble)")
     s.add_argument("--skull-stripped", action="store_true", help="the scan is already skull-stripped")
+    s.add_argument("--profile", choices=paths.PROFILES, default=None,
+                   help="preprocessing/post-processing settings (default: the checkpoint's run profile)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_score)
     return p

@@ -232,8 +232,10 @@ def template_grid(template: str, template_mask: str, spacing_mm: float,
 def _mattes_mi(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, fixed_mask: sitk.Image | None,
                shrink: tuple[int, ...], sampling: float, iterations: int, seed: int) -> tuple[sitk.Transform, float]:
     """One multi-resolution Mattes-MI optimisation (Gaussian sigmas ``shrink / 2`` voxels per level); the fixed
-    ``seed`` of the random metric samples makes runs reproducible."""
+    ``seed`` of the random metric samples and a single thread (the metric's per-thread partial sums are added in
+    a thread-count-dependent order) make the result identical whatever ``n_jobs`` and the machine's cores."""
     reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(1)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     if seed <= 0:
@@ -498,6 +500,31 @@ class _Clock:
             self.times[self.step] = time.perf_counter() - self._t0
 
 
+#: per-subject registration transform (template -> subject points), written beside the volumes
+TRANSFORM_FILE = "transform.tfm"
+
+
+def save_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
+    """Write a SimpleITK transform atomically (``.tfm``)."""
+    from .volumes import atomic_path
+
+    with atomic_path(path, suffix=".tfm") as tmp:
+        sitk.WriteTransform(transform, str(tmp))
+    return Path(path)
+
+
+def to_native(volume: np.ndarray, affine: np.ndarray, native: sitk.Image, transform: sitk.Transform, *,
+              label: bool = False) -> np.ndarray:
+    """Map a volume on the preprocessed grid (``affine``, template space) back onto the subject's ``native``
+    grid through the registration ``transform`` (template -> subject points): the inverse of steps 2–6 for maps
+    and masks (intensities are not un-rescaled). Outside the preprocessed field of view: 0. Returns ``[X, Y, Z]``
+    in the native scan's voxel order."""
+    moving = to_sitk(np.asarray(volume, np.float32), affine)
+    out = sitk.Resample(moving, native, transform.GetInverse(),
+                        sitk.sitkNearestNeighbor if label else sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return from_sitk(out)[0]
+
+
 def _load_sitk(path: str, *, label: bool = False) -> sitk.Image:
     arr, affine = load_nifti(path)
     return to_sitk((arr > 0).astype(np.uint8) if label else arr.astype(np.float32), affine)
@@ -592,6 +619,7 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
         for name, vol in vols.items():
             label = name in ("brain_mask", "seg")
             save_nifti(vol, affine, sub_dir / f"{name}.nii.gz", dtype=np.uint8 if label else np.float32)
+        save_transform(tx, sub_dir / TRANSFORM_FILE)
         qc["files"] = ",".join(vols)
 
 

@@ -71,3 +71,10 @@ def test_slices_roundtrip():
     np.testing.assert_array_equal(s[1], vol[:, :, 1])
     np.testing.assert_array_equal(volumes.slices_to_volume(s), vol)
     np.testing.assert_array_equal(volumes.slices_to_volume(s[:, None]), vol)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    from cddpm_lib import volumes
+
+    path = volumes.save_json({"a": 1}, tmp_path / "x.json")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~volumes._UMASK

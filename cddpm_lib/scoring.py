@@ -1,0 +1,238 @@
+"""Score one new scan with a trained model: ``cddpm-uad score scan.nii.gz --checkpoint best.pt ...``.
+
+The scan goes through the same preprocessing as the training data (paper §4.2, the profile's settings: registration
+to the template, skull stripping unless ``skull_stripped``, N4, crop/pad/downsample, percentile rescaling), then the
+model reconstructs every axial slice, the residual ``|x − x̂|`` gets the paper's post-processing (§4.3: brain mask
+erosion, median filter) and is thresholded; connected components smaller than the segmentation stage's minimum are
+removed.
+
+Outputs (``output/``): ``anomaly_map.nii.gz`` (continuous, post-processed) and ``segmentation.nii.gz`` (binary)
+**in the scan's own space** (its grid and affine; mapped back through the inverse registration, linear for the map,
+nearest neighbour for the mask; the model works at the profile's resolution, so the maps are that coarse),
+``overview.png`` (axial slices: input, reconstruction, anomaly map, segmentation), ``summary.json`` (threshold and
+where it came from, lesion volume, model, test-time settings, preprocessing QC) and, under
+``preprocessed/scored/<scan>/``, everything in the preprocessed (template) space the model saw: the input, brain
+mask, reconstruction, anomaly map, segmentation and the registration transform.
+
+The threshold is ``threshold`` when given, else the one the segmentation stage chose on the validation set for the
+same model, fold and test-time variant (``runs/<profile>/results/segmentation_runs.csv``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import paths
+from .config import ConfigError, profile_params
+
+WEIGHTINGS = ("t1", "t2")
+
+
+class ScoringError(RuntimeError):
+    """A scan, checkpoint or setting that cannot be scored; the message says what and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """Where a checkpoint sits in the run layout ``runs/<profile>/checkpoints/<model_id>/fold<k>/best.pt``."""
+
+    profile: str | None
+    model_id: str | None
+    fold: int | None
+
+
+def checkpoint_info(checkpoint: Path) -> CheckpointInfo:
+    """Profile, model id and fold read from the checkpoint's path (``None`` where the path does not follow the
+    run layout, e.g. a checkpoint copied elsewhere)."""
+    parts = checkpoint.resolve().parts
+    if len(parts) >= 5 and parts[-4] == "checkpoints" and parts[-2].startswith("fold") and parts[-2][4:].isdigit():
+        profile = parts[-5] if parts[-5] in paths.PROFILES else None
+        return CheckpointInfo(profile, parts[-3], int(parts[-2][4:]))
+    return CheckpointInfo(None, None, None)
+
+
+def _variant(model_name: str, t_test: Sequence[int] | None, default: str) -> tuple[str, dict[str, Any]]:
+    """Test-time variant: ``t_test`` when given (several = ensemble), else ``default`` (the segmentation
+    stage's: ``ens`` when its ``ens`` is on, else ``t<t_test>``)."""
+    from .reconstruct import ENSEMBLE_T_TEST, variant_kwargs
+
+    diffusion = model_name in ("ddpm", "pddpm", "cddpm")
+    if not diffusion:
+        if t_test:
+            raise ScoringError(f"--t-test is only for diffusion models; the checkpoint holds {model_name!r}")
+        return "default", {}
+    if not t_test:
+        return default, variant_kwargs(default)
+    ts = [int(t) for t in t_test]
+    if sorted(ts) == sorted(ENSEMBLE_T_TEST):
+        return "ens", variant_kwargs("ens")
+    return (f"t{ts[0]}" if len(ts) == 1 else "custom"), {"t_test": ts[0] if len(ts) == 1 else ts}
+
+
+def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str) -> tuple[float, str]:
+    """Threshold the segmentation stage chose on the validation set for this model/fold/variant."""
+    csv = paths.results_dir(profile) / "segmentation_runs.csv"
+    if model_id is None or fold is None:
+        raise ScoringError("no threshold given and the checkpoint is not inside a run folder "
+                           "(runs/<profile>/checkpoints/<model_id>/fold<k>/); pass --threshold")
+    if not csv.exists():
+        raise ScoringError(f"no threshold given and {csv} does not exist; run the segmentation stage "
+                           "(notebook 06) or pass --threshold")
+    runs = pd.read_csv(csv)
+    hit = runs[(runs["model_id"] == model_id) & (runs["fold"] == fold) & (runs["variant"] == variant)]
+    if hit.empty:
+        have = sorted(set(zip(runs["model_id"], runs["fold"], runs["variant"])))
+        raise ScoringError(f"{csv} has no threshold for model {model_id!r}, fold {fold}, variant {variant!r} "
+                           f"(it has {have}); pass --threshold")
+    row = hit.iloc[0]
+    return float(row["threshold"]), f"{csv.name}: validation on {row['dataset']} ({row['threshold_method']})"
+
+
+def _load_scan(scan: Path) -> None:
+    from .volumes import load_nifti
+
+    if not scan.exists():
+        raise ScoringError(f"scan {scan} does not exist")
+    try:
+        arr, _ = load_nifti(scan)
+    except Exception as exc:  # nibabel raises several types for broken files
+        raise ScoringError(f"scan {scan} is not a readable NIfTI file: {exc}") from exc
+    if arr.ndim != 3 or min(arr.shape) < 8:
+        raise ScoringError(f"scan {scan} must be a 3-D volume of at least 8 voxels per axis, got shape {arr.shape}")
+    if not np.isfinite(arr).all() or float(arr.max()) <= float(arr.min()):
+        raise ScoringError(f"scan {scan} is constant or holds NaN/inf values")
+
+
+def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, threshold: float | None = None,
+               t_test: Sequence[int] | None = None, device: str = "auto", skull_stripped: bool = False,
+               profile: str | None = None, seed: int = 0) -> dict[str, Path]:
+    """Preprocess, reconstruct, post-process and segment one scan; returns ``{output name: path}``.
+
+    ``profile``: preprocessing and post-processing settings (default: the checkpoint's run profile, else
+    ``quick``); the preprocessed size must equal the size the model was trained on.
+    """
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    from .models import load_model
+    from .postprocessing import binarize
+    from .preprocessing import TRANSFORM_FILE, PreprocessConfig, _load_sitk, preprocess_subject, to_native
+    from .reconstruct import reconstruct_volume
+    from .runtime import default_device
+    from .segmentation import SegmentationConfig, continuous_map_fn
+    from .volumes import load_nifti, save_figure, save_json, save_nifti
+
+    scan, checkpoint, output = Path(scan), Path(checkpoint), Path(output)
+    if weighting not in WEIGHTINGS:
+        raise ScoringError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    _load_scan(scan)
+    try:
+        model = load_model(checkpoint)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+        raise ScoringError(f"checkpoint {checkpoint}: {exc}") from exc
+    info = checkpoint_info(checkpoint)
+    profile = profile or info.profile or "quick"
+    try:
+        paths.check_profile(profile)
+        pre_cfg = PreprocessConfig.from_namespace({"profile": profile, "source": "real", "n_jobs": 1,
+                                                   "weightings": (weighting,), "registration_weighting": weighting})
+        seg_cfg = SegmentationConfig.from_params({**profile_params("segmentation", profile), "profile": profile,
+                                                  "device": device})
+    except (ConfigError, ValueError) as exc:
+        raise ScoringError(f"profile {profile!r}: {exc}") from exc
+    out_hw = pre_cfg.output_shape[:2]
+    if tuple(model.image_size) != tuple(out_hw):
+        raise ScoringError(f"the checkpoint was trained on {tuple(model.image_size)} slices but profile "
+                           f"{profile!r} preprocesses to {pre_cfg.output_shape}; pass the training run's --profile")
+    variant, recon_kwargs = _variant(model.name, t_test, "ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
+    if threshold is None:
+        threshold, threshold_source = validation_threshold(profile, info.model_id, info.fold, variant)
+    else:
+        threshold_source = "given (--threshold)"
+
+    subject = {"dataset": "scored", "subject_id": scan.name.split(".")[0], weighting: str(scan.resolve()),
+               "skull_stripped": int(skull_stripped)}
+    qc = preprocess_subject(subject, pre_cfg, output / "preprocessed")
+    if qc["status"] != "ok":
+        raise ScoringError(f"preprocessing {scan} failed at step {qc['failure_step']!r}: {qc['failure_reason']}")
+    sub_dir = output / "preprocessed" / "scored" / subject["subject_id"]
+    image, affine = load_nifti(sub_dir / f"{weighting}.nii.gz")
+    mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
+
+    dev = default_device(device)
+    model.to(dev)
+    recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=seed, **recon_kwargs)
+    anomaly = continuous_map_fn(seg_cfg)(residual, mask).astype(np.float32)
+    segmentation = binarize(anomaly, threshold, seg_cfg.spec())
+
+    out = {"anomaly_map": output / "anomaly_map.nii.gz", "segmentation": output / "segmentation.nii.gz",
+           "overview": output / "overview.png", "summary": output / "summary.json",
+           "preprocessed_image": sub_dir / f"{weighting}.nii.gz",
+           "preprocessed_reconstruction": sub_dir / "reconstruction.nii.gz",
+           "preprocessed_anomaly_map": sub_dir / "anomaly_map.nii.gz",
+           "preprocessed_segmentation": sub_dir / "segmentation.nii.gz"}
+    save_nifti(recon, affine, out["preprocessed_reconstruction"], dtype=np.float32)
+    save_nifti(anomaly, affine, out["preprocessed_anomaly_map"], dtype=np.float32)
+    save_nifti(segmentation.astype(np.uint8), affine, out["preprocessed_segmentation"], dtype=np.uint8)
+
+    native = _load_sitk(str(scan))
+    transform = sitk.ReadTransform(str(sub_dir / TRANSFORM_FILE))
+    native_affine = load_nifti(scan)[1]
+    native_map = to_native(anomaly, affine, native, transform)
+    native_seg = to_native(segmentation.astype(np.float32), affine, native, transform, label=True) > 0.5
+    if skull_stripped:  # the scan's own brain (image > 0) is finer than the model's grid
+        native_brain = load_nifti(scan)[0] > 0
+        native_map, native_seg = native_map * native_brain, native_seg & native_brain
+    save_nifti(native_map, native_affine, out["anomaly_map"], dtype=np.float32)
+    save_nifti(native_seg.astype(np.uint8), native_affine, out["segmentation"], dtype=np.uint8)
+    fig = plot_overview(image, recon, anomaly, segmentation, title=f"{scan.name} — {model.name} ({variant}), "
+                                                                     f"threshold {threshold:.3g}")
+    save_figure(fig, output / "overview", formats=("png",))
+    plt.close(fig)
+
+    def ml(seg: np.ndarray, aff: np.ndarray) -> float:
+        return float(seg.sum() * abs(np.linalg.det(aff[:3, :3])) / 1000)
+
+    save_json({"scan": str(scan), "checkpoint": str(checkpoint), "model": model.name, "model_id": info.model_id,
+               "fold": info.fold, "profile": profile, "variant": variant, "test_time": recon_kwargs,
+               "threshold": float(threshold), "threshold_source": threshold_source,
+               "anomalous_voxels": int(native_seg.sum()), "anomalous_ml": ml(native_seg, native_affine),
+               "preprocessed_anomalous_voxels": int(segmentation.sum()),
+               "preprocessed_anomalous_ml": ml(segmentation, affine),
+               "outputs": {k: str(v) for k, v in out.items()},
+               "preprocessing_qc": {k: v for k, v in qc.items() if k != "traceback"}}, out["summary"])
+    return out
+
+
+def plot_overview(image: np.ndarray, recon: np.ndarray, anomaly: np.ndarray, segmentation: np.ndarray, *,
+                  n_slices: int = 3, title: str = ""):
+    """Axial slices (the ``n_slices`` with the most segmented voxels; central ones when none) as rows; columns:
+    input, reconstruction, anomaly map, input with the segmentation outlined."""
+    import matplotlib.pyplot as plt
+
+    z = image.shape[2]
+    counts = segmentation.reshape(-1, z).sum(0)
+    picks = np.argsort(-counts, kind="stable")[:n_slices] if counts.any() else \
+        np.linspace(z // 4, 3 * z // 4, n_slices).round().astype(int)
+    picks = sorted(int(p) for p in picks)
+    vmax = float(np.percentile(anomaly[anomaly > 0], 99.5)) if (anomaly > 0).any() else 1.0
+    fig, axes = plt.subplots(len(picks), 4, figsize=(10, 2.6 * len(picks)), squeeze=False)
+    for row, k in zip(axes, picks):
+        panels = [(image, "gray", (0, 1), "input"), (recon, "gray", (0, 1), "reconstruction"),
+                  (anomaly, "inferno", (0, vmax), "anomaly map"), (image, "gray", (0, 1), "segmentation")]
+        for ax, (vol, cmap, (lo, hi), name) in zip(row, panels):
+            ax.imshow(np.rot90(vol[:, :, k]), cmap=cmap, vmin=lo, vmax=hi)
+            ax.set_title(f"{name}, z={k}", fontsize=8)
+            ax.axis("off")
+        if segmentation[:, :, k].any():
+            row[3].contour(np.rot90(segmentation[:, :, k].astype(float)), levels=[0.5], colors="red", linewidths=1)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["plot_overview", "ScoringError", "CheckpointInfo", "checkpoint_info", "validation_threshold", "score_scan"]

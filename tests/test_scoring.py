@@ -1,0 +1,126 @@
+"""scoring: one new scan through preprocessing, a checkpoint, post-processing and the threshold."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from nilearn import datasets
+
+from cddpm_lib import paths
+from cddpm_lib.cli import main
+from cddpm_lib.models import build_model
+from cddpm_lib.scoring import ScoringError, checkpoint_info, score_scan
+
+
+@pytest.fixture()
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
+    return tmp_path
+
+
+@pytest.fixture()
+def scan(tmp_path):
+    """Skull-stripped T2-like MNI152 brain (2 mm) with a bright blob."""
+    t = datasets.load_mni152_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2).get_fdata() > 0
+    img = np.where(brain, 1.2 - t.get_fdata() / t.get_fdata().max(), 0).astype(np.float32)
+    img[brain & (np.linalg.norm(np.indices(img.shape) - np.array([40, 60, 45])[:, None, None, None], axis=0) < 6)] = 2
+    path = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(img * 500, t.affine), path)
+    return path
+
+
+def _checkpoint(runs, name="ae", image_size=(32, 32)) -> "object":
+    torch.manual_seed(0)
+    model = build_model(name, image_size=image_size, channels=[4, 8], latent_dim=8)
+    path = paths.checkpoint_dir("smoke", f"{name}_t2", 0) / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, path)
+    return path
+
+
+def test_checkpoint_info_reads_the_run_layout(runs):
+    info = checkpoint_info(paths.checkpoint_dir("quick", "cddpm-ssl_t2", 3) / "best.pt")
+    assert (info.profile, info.model_id, info.fold) == ("quick", "cddpm-ssl_t2", 3)
+    assert checkpoint_info(runs / "elsewhere" / "best.pt").model_id is None
+
+
+def test_score_writes_maps_in_the_scan_space_and_the_preprocessed_space(runs, scan):
+    ckpt = _checkpoint(runs)
+    out = score_scan(scan, ckpt, runs / "out", weighting="t2", threshold=0.05, skull_stripped=True)
+    raw = nib.load(scan)
+    for key in ("anomaly_map", "segmentation"):
+        img = nib.load(out[key])
+        assert img.shape == raw.shape
+        np.testing.assert_allclose(img.affine, raw.affine, atol=1e-5)
+    pre = nib.load(out["preprocessed_image"])
+    assert pre.shape == (32, 32, 16)  # the smoke profile's preprocessed size, read from the checkpoint's path
+    anomaly = nib.load(out["preprocessed_anomaly_map"]).get_fdata()
+    seg = nib.load(out["preprocessed_segmentation"]).get_fdata()
+    mask_path = out["preprocessed_image"].parent / "brain_mask.nii.gz"
+    mask = nib.load(mask_path).get_fdata() > 0
+    assert set(np.unique(seg)) <= {0, 1} and (seg[~mask] == 0).all() and (anomaly[~mask] == 0).all()
+    native_seg = nib.load(out["segmentation"]).get_fdata()
+    assert set(np.unique(native_seg)) <= {0, 1} and (native_seg[raw.get_fdata() == 0] == 0).all()
+    summary = json.loads(out["summary"].read_text())
+    assert summary["threshold"] == 0.05 and summary["profile"] == "smoke" and summary["model"] == "ae"
+    assert summary["anomalous_voxels"] == int(native_seg.sum())
+    assert summary["preprocessed_anomalous_ml"] == pytest.approx(
+        seg.sum() * abs(np.linalg.det(pre.affine[:3, :3])) / 1000)
+    assert out["overview"].stat().st_size > 10_000
+
+
+def test_to_native_inverts_the_preprocessing_geometry(runs, scan):
+    """The preprocessed brain mask mapped back onto the scan's grid covers the scan's brain."""
+    import SimpleITK as sitk
+
+    from cddpm_lib import preprocessing as pp
+
+    out = score_scan(scan, _checkpoint(runs), runs / "out", weighting="t2", threshold=0.05, skull_stripped=True)
+    sub = out["preprocessed_image"].parent
+    mask, affine = nib.load(sub / "brain_mask.nii.gz").get_fdata(), nib.load(sub / "brain_mask.nii.gz").affine
+    back = pp.to_native(mask, affine, pp._load_sitk(str(scan)), sitk.ReadTransform(str(sub / pp.TRANSFORM_FILE)),
+                        label=True) > 0.5
+    brain = nib.load(scan).get_fdata() > 0
+    # the smoke grid keeps the central 96 mm axially: compare on the axial slices it covers
+    zs = np.flatnonzero(back.any(axis=(0, 1)))
+    assert len(zs) > 20
+    sel = slice(zs.min() + 3, zs.max() - 3)  # 6 mm voxels: skip the partial-volume edge slices
+    assert pp.dice(back[:, :, sel], brain[:, :, sel]) > 0.85
+
+
+def test_threshold_comes_from_the_segmentation_stage(runs, scan):
+    ckpt = _checkpoint(runs)
+    with pytest.raises(ScoringError, match="segmentation_runs.csv does not exist"):
+        score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True)
+    results = paths.results_dir("smoke")
+    results.mkdir(parents=True)
+    pd.DataFrame([{"model_id": "ae_t2", "fold": 0, "variant": "default", "threshold": 0.123, "dataset": "MSLUB",
+                   "threshold_method": "bisection"},
+                  {"model_id": "ae_t2", "fold": 1, "variant": "default", "threshold": 0.9, "dataset": "MSLUB",
+                   "threshold_method": "bisection"}]).to_csv(results / "segmentation_runs.csv", index=False)
+    out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True)
+    summary = json.loads(out["summary"].read_text())
+    assert summary["threshold"] == 0.123 and "MSLUB" in summary["threshold_source"]
+
+
+def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
+    ckpt = _checkpoint(runs)
+    with pytest.raises(ScoringError, match="does not exist"):
+        score_scan(tmp_path / "missing.nii.gz", ckpt, runs / "o", weighting="t2", threshold=0.1)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    with pytest.raises(ScoringError, match="not a readable NIfTI"):
+        score_scan(broken, ckpt, runs / "o", weighting="t2", threshold=0.1)
+    with pytest.raises(ScoringError, match="--t-test is only for diffusion"):
+        score_scan(scan, ckpt, runs / "o", weighting="t2", threshold=0.1, t_test=[500])
+    with pytest.raises(ScoringError, match=r"trained on \(32, 32\) slices but profile 'quick'"):
+        score_scan(scan, ckpt, runs / "o", weighting="t2", threshold=0.1, profile="quick")
+    assert main(["score", str(scan), "--checkpoint", str(runs / "nope.pt"), "-o", str(runs / "o"),
+                 "--weighting", "t2", "--threshold", "0.1"]) == 2
+    assert "nope.pt" in capsys.readouterr().err
