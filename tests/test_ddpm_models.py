@@ -140,9 +140,9 @@ def test_tiny_cddpm_overfits_eight_slices():
 
     before = fixed_loss()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for step in range(175):
+    for step in range(300):
         model.training_step(batch, [opt], step)
-    assert fixed_loss() < before / 5  # measured: ~7x in 175 steps
+    assert fixed_loss() < before / 10  # measured: 15x (2 threads) to 20x (1 thread)
 
 
 def test_mask_loss_restricts_the_loss_to_the_brain():
