@@ -20,7 +20,7 @@ import pandas as pd
 from . import figures, paths, reference
 from .config import ConfigError, StageConfig
 from .postprocessing import ABLATION_STEPS, PostprocessingSpec
-from .segmentation import evaluate_run, median_backend_for
+from .segmentation import evaluate_run, median_backend_for, postprocessing_spec
 from .tables import side_by_side, summarize, to_markdown, to_wide, write_table
 from .volumes import save_dataframe
 
@@ -58,12 +58,7 @@ class PostprocessingAblationConfig(StageConfig):
         self.spec()
 
     def spec(self) -> PostprocessingSpec:
-        try:
-            return PostprocessingSpec(steps=(*self.step_order, "threshold", "cc"),
-                                      erosion_iterations=self.erosion_iterations, erosion_mode=self.erosion_mode,
-                                      median_size=self.median_size, cc_min_size=self.cc_min_size)
-        except ValueError as exc:
-            raise ConfigError(f"post-processing parameters: {exc}") from exc
+        return postprocessing_spec(self)
 
 
 def ablation_rows(cfg: PostprocessingAblationConfig) -> list[reference.Row]:

@@ -34,6 +34,17 @@ from .volumes import load_nifti, save_dataframe
 RUN_KEYS = ["row", "model", "ssl", "ens", "variant", "weighting", "fold", "model_id"]
 
 
+def postprocessing_spec(cfg) -> PostprocessingSpec:
+    """``step_order`` + threshold + CC filter from a stage config's post-processing fields (``step_order``,
+    ``erosion_iterations``, ``erosion_mode``, ``median_size``, ``cc_min_size``); bad values -> ConfigError."""
+    try:
+        return PostprocessingSpec(steps=(*cfg.step_order, "threshold", "cc"),
+                                  erosion_iterations=cfg.erosion_iterations, erosion_mode=cfg.erosion_mode,
+                                  median_size=cfg.median_size, cc_min_size=cfg.cc_min_size)
+    except ValueError as exc:
+        raise ConfigError(f"post-processing parameters: {exc}") from exc
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentationConfig(StageConfig):
     """Stage ``segmentation`` (notebook 06); defaults are the paper's settings (§4.3, §4.4, §4.5.4)."""
@@ -93,12 +104,7 @@ class SegmentationConfig(StageConfig):
 
     def spec(self) -> PostprocessingSpec:
         """The post-processing pipeline of this run (paper §4.3 with the authors' defaults)."""
-        try:
-            return PostprocessingSpec(steps=(*self.step_order, "threshold", "cc"),
-                                      erosion_iterations=self.erosion_iterations, erosion_mode=self.erosion_mode,
-                                      median_size=self.median_size, cc_min_size=self.cc_min_size)
-        except ValueError as exc:
-            raise ConfigError(f"post-processing parameters: {exc}") from exc
+        return postprocessing_spec(self)
 
 
 # --------------------------------------------------------------------------------------------------------------

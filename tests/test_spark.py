@@ -14,12 +14,7 @@ from cddpm_lib.models.ddpm import build_cddpm
 TINY_ENCODER = dict(encoder_depth=18, encoder_width=8, cond_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mask_hides_the_stated_ratio_exactly():
