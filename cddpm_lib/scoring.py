@@ -132,8 +132,8 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     _load_scan(scan)
     try:
         model = load_model(checkpoint)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-        raise ScoringError(f"checkpoint {checkpoint}: {exc}") from exc
+    except Exception as exc:  # torch.load raises pickle, zip and OS errors for files that are not checkpoints
+        raise ScoringError(f"checkpoint {checkpoint} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     info = checkpoint_info(checkpoint)
     profile = profile or info.profile or "quick"
     try:

@@ -121,6 +121,10 @@ def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
         score_scan(scan, ckpt, runs / "o", weighting="t2", threshold=0.1, t_test=[500])
     with pytest.raises(ScoringError, match=r"trained on \(32, 32\) slices but profile 'quick'"):
         score_scan(scan, ckpt, runs / "o", weighting="t2", threshold=0.1, profile="quick")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ScoringError, match="junk.pt cannot be loaded"):
+        score_scan(scan, junk, runs / "o", weighting="t2", threshold=0.1)
     assert main(["score", str(scan), "--checkpoint", str(runs / "nope.pt"), "-o", str(runs / "o"),
                  "--weighting", "t2", "--threshold", "0.1"]) == 2
     assert "nope.pt" in capsys.readouterr().err
