@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PROFILE ?= quick
-JOBS ?= 1
+JOBS ?= 2
 # CPU build that lies on these machines; GPU users override, e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python

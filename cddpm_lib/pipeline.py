@@ -9,6 +9,7 @@ error; its executed copy (with the traceback) stays for inspection and earlier r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,7 +17,7 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import paths
 from .config import ConfigError, load_stage_profiles, profile_params
@@ -214,6 +215,28 @@ def _select(nodes: Sequence[Node], only: Sequence[str] | None) -> list[Node]:
     return [n for n in nodes if n.stage in only]
 
 
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """CPU threads each notebook kernel gets when ``jobs`` run side by side: the cores shared out evenly
+    (at least one). Small 2D convolutions scale poorly over threads, so on a 2-core CPU two one-thread runs
+    side by side train ~1.3x more slices per second than one run on two threads (BENCHMARKS.md)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, jobs))
+
+
+@contextlib.contextmanager
+def _kernel_threads(jobs: int) -> Iterator[None]:
+    """Set ``OMP_NUM_THREADS`` (read by torch in each kernel at start-up) for ``jobs`` > 1 parallel runs, unless
+    the user set it; restored afterwards."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_job(jobs))
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
 def run_pipeline(
     profile: str,
     *,
@@ -230,7 +253,16 @@ def run_pipeline(
 
     ``force``: stages to rerun even when up to date (their dependants rerun too, being newer).
     ``only``: restrict to these stages (their dependencies must already be done).
+    ``jobs``: runs side by side, each kernel with :func:`threads_per_job` CPU threads.
     """
+    with _kernel_threads(jobs):
+        return _run_pipeline(profile, jobs=jobs, force=force, only=only, overrides=overrides,
+                             notebooks_dir=notebooks_dir, kernel_name=kernel_name, report=report, log=log)
+
+
+def _run_pipeline(profile: str, *, jobs: int, force: Sequence[str], only: Sequence[str] | None,
+                  overrides: dict[str, dict[str, Any]] | None, notebooks_dir: Path | None, kernel_name: str,
+                  report: bool, log: Callable[[str], None]) -> dict[str, Any]:
     paths.check_profile(profile)
     notebooks_dir = Path(notebooks_dir or paths.repo_root() / "notebooks")
     for stage in force:
@@ -271,7 +303,8 @@ def run_pipeline(
             raise PipelineError(f"{n.label} needs {missing} to have run first (run without --only, or run them)")
 
     total = len(todo)
-    log(f"[pipeline] profile={profile}: {len(pending)} runs, {total} to execute, {len(pending) - total} up to date")
+    log(f"[pipeline] profile={profile}: {len(pending)} runs, {total} to execute, {len(pending) - total} up to date"
+        f"; {jobs} at a time, {os.environ.get('OMP_NUM_THREADS', 'all')} CPU thread(s) each")
     t_start = time.time()
     done_count = 0
     running: dict[Future, Node] = {}

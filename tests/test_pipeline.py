@@ -40,6 +40,7 @@ def fake_env(tmp_path, monkeypatch):
         if stage in ("training", "ssl"):
             params.update(model="ddpm", weighting="t2", fold=0, ssl=False)
         body = (f"open({str(log)!r}, 'a').write('{stage}\\n')\n"
+                f"import os; open({str(log) + '.threads'!r}, 'a').write(os.environ.get('OMP_NUM_THREADS', '-') + ' ')\n"
                 "if fail: raise ValueError('planted failure')")
         _fake_notebook(nb_dir / name, params, body)
     return nb_dir, log, stage_params
@@ -94,6 +95,24 @@ def test_runs_skips_and_forces(fake_env):
     assert log.read_text().split()[9:] == ["domain_shift"]
     logged = json.loads((pipeline.paths.run_dir("smoke") / "pipeline_log.json").read_text())
     assert logged["nodes"]["training/ddpm_t2/fold0"]["stage"] == "training"
+
+
+def test_parallel_runs_share_the_cores(fake_env, monkeypatch):
+    nb_dir, log, _ = fake_env
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 4)
+    status = pipeline.run_pipeline("smoke", jobs=2, notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    assert all(v["status"] == "ran" for v in status.values())
+    assert set((log.parent / "log.txt.threads").read_text().split()) == {"2"}  # 4 cores / 2 jobs, every kernel
+    assert "OMP_NUM_THREADS" not in pipeline.os.environ                        # restored afterwards
+    assert pipeline.threads_per_job(3, cores=2) == 1 and pipeline.threads_per_job(1, cores=16) == 16
+
+
+def test_user_thread_setting_is_kept(fake_env, monkeypatch):
+    nb_dir, log, _ = fake_env
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    pipeline.run_pipeline("smoke", jobs=2, notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    assert set((log.parent / "log.txt.threads").read_text().split()) == {"3"}
 
 
 def test_failure_names_notebook_and_resumes(fake_env):
