@@ -274,9 +274,10 @@ def train_loader(cohort: SliceCohort, *, batch_size: int, seed: int, max_steps: 
 
 
 class ValWindows(Dataset):
-    """All slices of a cohort in order, as windows of ``slab_length`` slices (the last one end-aligned)."""
+    """All slices of a cohort in order, as windows of ``slab_length`` slices (the last one end-aligned); with
+    ``max_windows`` > 0 only that many of them, evenly spaced over the cohort (the same ones at every validation)."""
 
-    def __init__(self, cohort: SliceCohort, slab_length: int = 1) -> None:
+    def __init__(self, cohort: SliceCohort, slab_length: int = 1, max_windows: int = 0) -> None:
         self.cohort, self.slab_length = cohort, int(slab_length)
         starts = []
         for v, image in enumerate(cohort.images):
@@ -287,6 +288,8 @@ class ValWindows(Dataset):
             if zs[-1] != z_count - slab_length:
                 zs.append(z_count - slab_length)
             starts += [(v, z) for z in zs]
+        if 0 < max_windows < len(starts):  # a fixed, evenly spaced subset: every volume and depth stays represented
+            starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
         self.starts = starts
 
     def __len__(self) -> int:
@@ -300,9 +303,10 @@ def _cat_windows(items: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     return {"image": torch.cat([a for a, _ in items]), "mask": torch.cat([b for _, b in items])}
 
 
-def val_loader(cohort: SliceCohort, *, batch_size: int, slab_length: int = 1) -> DataLoader:
-    """Validation batches over all slices, in order (no augmentation, no randomness)."""
-    windows = ValWindows(cohort, slab_length)
+def val_loader(cohort: SliceCohort, *, batch_size: int, slab_length: int = 1, max_windows: int = 0) -> DataLoader:
+    """Validation batches over all slices (or ``max_windows`` evenly spaced ones), in order (no augmentation,
+    no randomness)."""
+    windows = ValWindows(cohort, slab_length, max_windows)
     return DataLoader(windows, batch_size=max(1, batch_size // slab_length), shuffle=False,
                       collate_fn=_cat_windows)
 

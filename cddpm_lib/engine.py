@@ -66,6 +66,7 @@ class LoopConfig(StageConfig):
     batch_size: int = 32  # slices per step and process, paper §4.4
     max_steps: int = 17900  # 1600 epochs of 358 slices at batch 32 (an epoch = one slice per volume)
     val_every: int = 500  # steps between validations / checkpoints
+    val_windows: int = 0  # validation slices (slab windows), evenly spaced over the val set; 0 = all of them
     log_every: int = 10  # steps between rows of history.csv
     augment: bool = True  # torchio blur/bias/gamma/ghosting, paper §4.4
     skip_empty: bool = False  # sample only slices that contain brain (paper: all slices)
@@ -83,6 +84,8 @@ class LoopConfig(StageConfig):
             paths.check_profile(self.profile)
         except ValueError as exc:
             raise ConfigError(f"parameter 'profile': {exc}") from None
+        if self.val_windows < 0:
+            raise ConfigError(f"parameter 'val_windows' must be >= 0 (0 = every validation slice), got {self.val_windows}")
         for name in ("batch_size", "max_steps", "val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(self, name)}")
@@ -322,7 +325,7 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
                                start_step=start, slab_length=slab, skip_empty=cfg.skip_empty, augment=cfg.augment,
                                num_workers=cfg.num_workers, rank=ctx.rank, world=ctx.world,
                                pin_memory=device.type == "cuda")
-    val = data.val_loader(val_cohort, batch_size=cfg.batch_size, slab_length=slab)
+    val = data.val_loader(val_cohort, batch_size=cfg.batch_size, slab_length=slab, max_windows=cfg.val_windows)
     writer = _tensorboard(run_dir, cfg) if ctx.rank == 0 else None
     bar = tqdm(total=cfg.max_steps, initial=start, desc=model.name, disable=not cfg.progress or ctx.rank != 0,
                mininterval=1.0, file=sys.stdout)

@@ -158,6 +158,17 @@ def test_validation_covers_every_slice(cohort, slab_length):
         assert total == cohort.n_slices
 
 
+def test_validation_subset_is_fixed_and_spread(cohort):
+    every = data.ValWindows(cohort).starts
+    subset = data.ValWindows(cohort, max_windows=7).starts
+    assert len(subset) == 7 and subset == data.ValWindows(cohort, max_windows=7).starts
+    assert set(subset) <= set(every) and subset[0] == every[0] and subset[-1] == every[-1]
+    assert {v for v, _ in subset} == set(range(len(cohort)))  # every validation volume is represented
+    assert data.ValWindows(cohort, max_windows=10**6).starts == every
+    batches = list(data.val_loader(cohort, batch_size=4, max_windows=7))
+    assert sum(b["image"].shape[0] for b in batches) == 7
+
+
 def test_phantom_manifest_follows_the_schema(manifest):
     df = pd.read_csv(manifest)
     assert list(df.columns) == ["dataset", "subject_id", "split", "fold", "t1", "t2", "brain_mask", "seg", "site",

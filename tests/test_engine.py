@@ -141,6 +141,8 @@ def test_config_validation():
         engine.LoopConfig(profile="huge")
     with pytest.raises(ConfigError, match="amp"):
         engine.LoopConfig(amp="fp8")
+    with pytest.raises(ConfigError, match="val_windows"):
+        engine.LoopConfig(val_windows=-1)
 
 
 def _free_port() -> int:

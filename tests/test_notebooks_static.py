@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cddpm_lib.paths import repo_root
+from cddpm_lib import pipeline
 from cddpm_lib.pipeline import STAGE_NOTEBOOKS
 
 NB_DIR = repo_root() / "notebooks"
@@ -61,6 +62,9 @@ def test_title_parameters_and_config_cells(path):
         ast.literal_eval(node.value)  # literals only
         names += [t.id for t in node.targets]
     assert "profile" in names and "source" in names
+    # papermill parses each line with a regex and silently drops what it cannot read (e.g. "=" in a comment)
+    seen = set(pipeline.notebook_parameters(path))
+    assert set(names) <= seen, f"{path.name}: papermill cannot read parameter(s) {sorted(set(names) - seen)}"
     for line in _src(params).splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             assert "#" in line, f"{path.name}: parameter line without a comment: {line!r}"
