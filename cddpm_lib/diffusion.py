@@ -107,6 +107,21 @@ class GaussianDiffusion(nn.Module):
     def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.noise_fn(x.shape, generator=generator, device=x.device).to(x.dtype)
 
+    def test_noise(self, x: Tensor, ts: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+        """Noise fields of one-step reconstructions of ``x: [B, ...]`` at each of ``ts`` -> ``[len(ts) · B, ...]``
+        (t-major).
+
+        With a ``generator``, one number is drawn from it and the fields of each ``t`` come from a generator seeded
+        with (that number, ``t``): the noise at ``t`` does not depend on the other time steps reconstructed with
+        it, so an ensemble equals the mean of single-``t`` reconstructions made from the same generator state,
+        and saved single-``t`` reconstructions can be averaged into the ensemble (``reconstruct.ensemble_from_parts``).
+        """
+        if generator is None:
+            return torch.cat([self.noise_like(x) for _ in ts])
+        base = int(torch.randint(0, 2**40, (1,), generator=generator))
+        per_t = [torch.Generator(device=generator.device).manual_seed(base * (self.T + 1) + int(t)) for t in ts]
+        return torch.cat([self.noise_like(x, g) for g in per_t])
+
     # --- training -------------------------------------------------------------------------------------
     def training_loss(self, denoise: Denoiser, x0: Tensor, cond: Tensor | None = None, mask: Tensor | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
@@ -143,7 +158,7 @@ class GaussianDiffusion(nn.Module):
         b = x0.shape[0]
         t = torch.tensor(ts, device=x0.device).repeat_interleave(b)          # [len(ts) · B], t-major
         x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))
-        noise = torch.cat([self.noise_like(x0, generator) for _ in ts])
+        noise = self.test_noise(x0, ts, generator)
         cond_rep = None if cond is None else cond.repeat(len(ts), *([1] * (cond.ndim - 1)))
         x_hat = self.predict_x0(denoise, self.q_sample(x0_rep, t, noise), t, cond_rep, max_batch)
         return x_hat.reshape(len(ts), *x0.shape).mean(0)

@@ -85,7 +85,8 @@ class LoopConfig(StageConfig):
         except ValueError as exc:
             raise ConfigError(f"parameter 'profile': {exc}") from None
         if self.val_windows < 0:
-            raise ConfigError(f"parameter 'val_windows' must be >= 0 (0 = every validation slice), got {self.val_windows}")
+            raise ConfigError(f"parameter 'val_windows' must be >= 0 (0: every validation slice), "
+                              f"got {self.val_windows}")
         for name in ("batch_size", "max_steps", "val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(self, name)}")

@@ -221,9 +221,11 @@ def collect_histograms(cfg: DomainShiftConfig, log=print) -> tuple[pd.DataFrame,
             for dataset, table in rows.items():
                 for cl in cfg.contrasts:
                     variant = cfg.diffusion_variant if cl == 1.0 else f"{cfg.diffusion_variant}_contrast{cl:g}"
-                    out = paths.recon_dir(cfg.profile, model_id(name, "t2", ssl), fold, variant, dataset)
+                    mid = model_id(name, "t2", ssl)
+                    out = paths.recon_dir(cfg.profile, mid, fold, variant, dataset)
+                    parts = reconstruct.part_dirs(cfg.profile, mid, fold, variant, dataset)
                     xs, ys = [], []
-                    for _, case, recon in quality.reconstruct_rows(model, table, "t2", out, cfg, cl, **kw):
+                    for _, case, recon in quality.reconstruct_rows(model, table, "t2", out, cfg, cl, parts, **kw):
                         seg = case["seg"] if dataset != HEALTHY else None
                         x, y = region_values(case["image"], recon, case["brain_mask"], seg)
                         xs.append(x)

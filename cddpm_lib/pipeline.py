@@ -271,7 +271,6 @@ def _run_pipeline(profile: str, *, jobs: int, force: Sequence[str], only: Sequen
     all_nodes = build_dag(profile, overrides)
     check_parameters(all_nodes, notebooks_dir)
     nodes = _select(all_nodes, only)
-    by_key = {n.key: n for n in all_nodes}
     selected = {n.key for n in nodes}
 
     finished: dict[str, float] = {}

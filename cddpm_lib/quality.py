@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +38,6 @@ from .datasets import EVAL_SETS, HEALTHY, model_id
 from .models import MODEL_NAMES, load_model
 from .perceptual import SUBSTITUTE_LABEL, resolve_perceptual
 from .runtime import default_device
-from .volumes import VolumeError, load_nifti, load_npz, save_npz
 
 #: Wang et al. (2004) SSIM constants and window, used by :func:`ssim`
 SSIM_SIGMA = 1.5
@@ -204,57 +202,34 @@ def load_trained(profile: str, spec: str, weighting: str, fold: int):
 
 
 def test_volumes(cfg, dataset: str, weighting: str) -> pd.DataFrame:
-    """Manifest rows of the ``dataset`` test split with a ``weighting`` image (first ``cfg.max_volumes``)."""
+    """Manifest rows of the ``dataset`` test split with a ``weighting`` image, by subject id (first
+    ``cfg.max_volumes``: the same volumes as the segmentation stage's test split, whose reconstructions they share)."""
     df = data.read_manifest(paths.preprocessed_manifest_path(cfg.source, cfg.profile))
     rows = data.select_rows(df, dataset=dataset, split="test", fold=None, weighting=weighting,
                             where=str(paths.preprocessed_manifest_path(cfg.source, cfg.profile)))
-    rows = rows.drop_duplicates("subject_id").reset_index(drop=True)
+    rows = rows.drop_duplicates("subject_id").sort_values("subject_id", kind="stable").reset_index(drop=True)
     return rows.head(cfg.max_volumes) if cfg.max_volumes else rows
 
 
 def load_case(row: pd.Series, weighting: str, contrast: float = 1.0) -> dict[str, np.ndarray]:
-    """Image (``x^contrast``), brain mask, segmentation (zeros if none) and affine of one manifest row."""
-    image, affine = load_nifti(row[weighting])
-    mask = (load_nifti(row["brain_mask"])[0] > 0).astype(np.uint8)
-    seg_path = str(row.get("seg", "") or "")
-    seg = (load_nifti(seg_path)[0] > 0).astype(np.uint8) if seg_path else np.zeros_like(mask)
-    if not image.shape == mask.shape == seg.shape:
-        raise VolumeError(f"{row[weighting]}: image {image.shape}, brain mask {mask.shape} and segmentation "
-                          f"{seg.shape} differ in shape")
+    """Image (``x^contrast`` inside the brain), brain mask, segmentation (zeros if none) and affine of one row."""
+    case = reconstruct.load_case(row, weighting)
     if contrast != 1.0:
-        image = apply_contrast(image, contrast) * mask
-    return {"image": image.astype(np.float32), "brain_mask": mask, "seg": seg, "affine": affine}
-
-
-def cached_reconstruction(model, case: dict[str, np.ndarray], path: Path, *, device, max_batch: int,
-                          seed: int, **recon_kwargs) -> np.ndarray:
-    """Reconstruction ``[X, Y, Z]`` of ``case``, read from ``path`` when a valid file of the same input exists.
-
-    Writes the file :func:`reconstruct.reconstruct_dataset` writes (``image, recon, anomaly, brain_mask, seg,
-    affine, seconds``), so the segmentation stage reuses it and vice versa. ``seed``: the per-volume noise seed.
-    """
-    if reconstruct.is_valid_recon(path):
-        saved = load_npz(path)
-        if saved["image"].shape == case["image"].shape and np.allclose(saved["image"], case["image"], atol=1e-6):
-            return saved["recon"]
-    t0 = time.perf_counter()
-    recon, anomaly = reconstruct.reconstruct_volume(model, case["image"], case["brain_mask"], device=device,
-                                                    max_batch=max_batch, seed=seed, **recon_kwargs)
-    save_npz(path, image=case["image"], recon=recon, anomaly=anomaly, brain_mask=case["brain_mask"],
-             seg=case["seg"], affine=case["affine"], seconds=np.array(time.perf_counter() - t0))
-    return recon
+        case["image"] = (apply_contrast(case["image"], contrast) * case["brain_mask"]).astype(np.float32)
+    return case
 
 
 def reconstruct_rows(model, rows: pd.DataFrame, weighting: str, out_dir: Path, cfg, contrast: float = 1.0,
-                     **recon_kwargs):
-    """Yield ``(row, case, recon)`` for every manifest row, reconstructing (or reusing) into ``out_dir``."""
+                     parts: dict[int, Path] | None = None, **recon_kwargs):
+    """Yield ``(row, case, recon)`` for every manifest row, reconstructing into (or reusing from) ``out_dir``
+    (``parts``: folders of an ensemble's single-``t`` parts, :func:`reconstruct.part_dirs`)."""
     device = default_device(cfg.device)
     model.to(device).eval()
     for _, row in rows.iterrows():
         case = load_case(row, weighting, contrast)
         seed = reconstruct.subject_seed(cfg.seed, str(row["subject_id"]))
-        recon = cached_reconstruction(model, case, out_dir / f"{row['subject_id']}.npz", device=device,
-                                      max_batch=cfg.max_batch, seed=seed, **recon_kwargs)
+        recon, *_ = reconstruct.reconstruct_cached(model, case, out_dir / f"{row['subject_id']}.npz", device=device,
+                                                   max_batch=cfg.max_batch, seed=seed, parts=parts, **recon_kwargs)
         yield row, case, recon
 
 
@@ -278,8 +253,9 @@ def evaluate_healthy(cfg: ReconstructionQualityConfig, log=print) -> tuple[pd.Da
         for spec in cfg.models:
             model, (variant, kw) = load_trained(cfg.profile, spec, "t2", fold), _variant(cfg, spec)
             name, ssl = parse_model(spec)
-            out = paths.recon_dir(cfg.profile, model_id(name, "t2", ssl), fold, variant, HEALTHY)
-            for row, case, recon in reconstruct_rows(model, rows, "t2", out, cfg, **kw):
+            mid = model_id(name, "t2", ssl)
+            out, parts = (f(cfg.profile, mid, fold, variant, HEALTHY) for f in (paths.recon_dir, reconstruct.part_dirs))
+            for row, case, recon in reconstruct_rows(model, rows, "t2", out, cfg, parts=parts, **kw):
                 scores = volume_quality(case["image"], recon, case["brain_mask"], data_range=cfg.data_range,
                                         ssim_dims=cfg.ssim_dims, psnr_cap_db=cfg.psnr_cap_db)
                 scores["perceptual"] = metric.distance(case["image"], recon, case["brain_mask"], device)
@@ -300,8 +276,10 @@ def evaluate_unhealthy(cfg: ReconstructionQualityConfig, log=print) -> pd.DataFr
                 for spec in cfg.models:
                     model, (variant, kw) = load_trained(cfg.profile, spec, weighting, fold), _variant(cfg, spec)
                     name, ssl = parse_model(spec)
-                    out = paths.recon_dir(cfg.profile, model_id(name, weighting, ssl), fold, variant, dataset)
-                    for row, case, recon in reconstruct_rows(model, rows, weighting, out, cfg, **kw):
+                    mid = model_id(name, weighting, ssl)
+                    out = paths.recon_dir(cfg.profile, mid, fold, variant, dataset)
+                    parts = reconstruct.part_dirs(cfg.profile, mid, fold, variant, dataset)
+                    for row, case, recon in reconstruct_rows(model, rows, weighting, out, cfg, parts=parts, **kw):
                         u, h = l1_split(case["image"], recon, case["brain_mask"], case["seg"], cfg.l1_region)
                         records.append({"model": spec, "fold": fold, "dataset": dataset,
                                         "subject_id": row["subject_id"], "l1_unhealthy": u, "l1_healthy": h})

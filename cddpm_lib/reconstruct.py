@@ -11,6 +11,12 @@ Variants name how a diffusion model is run at test time (paper §3.1, §4.4) and
 - ``"ens"``: the mean of the reconstructions at ``t_test = [250, 500, 750]`` -> ``{"t_test": [250, 500, 750]}``;
 - ``"default"``: non-diffusion models, no test-time arguments -> ``{}``.
 
+An ensemble is saved together with its single-``t`` parts (``t250``, ``t500``, ``t750`` beside ``ens``; for a
+suffixed variant such as ``ens_contrast0.5``, ``t250_contrast0.5`` …): the diffusion noise at each ``t`` depends only
+on the volume's seed and ``t`` (``GaussianDiffusion.test_noise``), so the ensemble is exactly the mean of those
+single-``t`` reconstructions, and every stage reuses whichever of them another stage (or an earlier run) saved —
+Table 3's t500, the ENS rows, the Fig. 5 sweep and Table 2 share one set of network passes.
+
 :func:`reconstruct_dataset` writes one compressed ``<subject_id>.npz`` per volume holding ``image, recon, anomaly,
 brain_mask, seg, affine`` (float32 volumes ``[X, Y, Z]``, uint8 masks) plus ``seconds`` (model time of that volume).
 Existing valid files are kept (the stage resumes after an interruption). Diffusion reconstructions draw their noise
@@ -29,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import paths
 from .models.base import UADModel
 from .volumes import VolumeError, load_nifti, load_npz, save_npz, slices_to_volume, volume_to_slices
 
@@ -52,6 +59,19 @@ def variant_kwargs(variant: str) -> dict[str, Any]:
     if variant.startswith("t") and variant[1:].isdigit() and int(variant[1:]) > 0:
         return {"t_test": int(variant[1:])}
     raise ValueError(f"unknown variant {variant!r}: use 't<t_test>' (e.g. 't500'), 'ens' or 'default'")
+
+
+def ensemble_part_variants(variant: str) -> dict[int, str]:
+    """Single-``t`` variants an ensemble variant is the mean of: ``"ens"`` -> ``{250: "t250", 500: "t500",
+    750: "t750"}``, ``"ens_contrast0.5"`` -> ``{250: "t250_contrast0.5", …}``; ``{}`` for any other variant."""
+    if variant != "ens" and not variant.startswith("ens_"):
+        return {}
+    return {t: f"t{t}{variant[3:]}" for t in ENSEMBLE_T_TEST}
+
+
+def part_dirs(profile: str, model_id: str, fold: int, variant: str, dataset: str) -> dict[int, Path]:
+    """``{t: folder}`` of the saved single-``t`` parts of an ensemble variant (empty for other variants)."""
+    return {t: paths.recon_dir(profile, model_id, fold, v, dataset) for t, v in ensemble_part_variants(variant).items()}
 
 
 def variant_name(model: str, ens: bool = False, t_test: int = 500) -> str:
@@ -158,7 +178,7 @@ def load_recon(path: str | Path) -> dict[str, np.ndarray]:
     return load_npz(path)
 
 
-def _load_row(row: pd.Series, weighting: str) -> dict[str, np.ndarray]:
+def load_case(row: pd.Series, weighting: str) -> dict[str, np.ndarray]:
     """Image, brain mask, segmentation (zeros if none) and affine of one manifest row."""
     for col in (weighting, "brain_mask"):
         if not str(row.get(col, "")):
@@ -179,10 +199,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _saved(path: Path, image: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The arrays of ``path`` when it is a valid reconstruction of this very ``image``, else ``None``."""
+    if not is_valid_recon(path):
+        return None
+    z = load_npz(path)
+    same = z["image"].shape == image.shape and np.allclose(z["image"], image, atol=1e-6)
+    return z if same else None
+
+
+def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | Path, *,
+                       device: torch.device | str | None = None, max_batch: int = 64, seed: int = 0,
+                       overwrite: bool = False, parts: dict[int, Path] | None = None, **recon_kwargs: Any
+                       ) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """Reconstruction of one volume ``vol`` (``image, brain_mask, seg, affine``), saved to / reused from ``path``.
+
+    A valid file of the same input image is reused unless ``overwrite``. ``parts`` (``{t: folder}``, see
+    :func:`part_dirs`): for an ensemble ``t_test`` list, each single-``t`` part is reused from or saved to
+    ``folder/<file name>`` and the ensemble is their mean — equal to one ensemble call with the same ``seed``.
+    ``seed``: the volume's noise seed (:func:`subject_seed`).
+    Returns ``(recon, anomaly, seconds, reused)``; ``seconds``: the model's wall time for the volume (CUDA
+    synchronised; for an ensemble the sum of its parts'; read back from the file when reused).
+    """
+    path = Path(path)
+    if not overwrite and (z := _saved(path, vol["image"])) is not None:
+        return z["recon"], z["anomaly"], float(z.get("seconds", np.array(np.nan))), True
+    ts = recon_kwargs.get("t_test")
+    own_map = type(model).anomaly_map is not UADModel.anomaly_map
+    if parts and isinstance(ts, (list, tuple)) and sorted(parts) == sorted(int(t) for t in ts) and not own_map:
+        recons, seconds = [], 0.0
+        for t in ts:
+            r, _, sec, _ = reconstruct_cached(model, vol, Path(parts[int(t)]) / path.name, device=device,
+                                              max_batch=max_batch, seed=seed, overwrite=overwrite,
+                                              **{**recon_kwargs, "t_test": int(t)})
+            recons.append(r)
+            seconds += sec
+        recon = np.mean(recons, axis=0).astype(np.float32)
+        anomaly = np.abs(vol["image"] - recon).astype(np.float32)
+    else:
+        dev = _model_device(model, device)
+        _sync(dev)
+        t0 = time.perf_counter()
+        recon, anomaly = reconstruct_volume(model, vol["image"], vol["brain_mask"], device=dev, max_batch=max_batch,
+                                            seed=seed, **recon_kwargs)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+    save_npz(path, image=vol["image"], recon=recon, anomaly=anomaly, brain_mask=vol["brain_mask"],
+             seg=vol["seg"], affine=vol["affine"], seconds=np.array(seconds))
+    return recon, anomaly, seconds, False
+
+
 def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out_dir: str | Path, *,
                         device: torch.device | str | None = None, max_batch: int = 64, overwrite: bool = False,
-                        seed: int = 0, log=None, **recon_kwargs: Any) -> pd.DataFrame:
-    """Reconstruct every volume of ``rows`` (manifest rows, absolute paths) into ``out_dir/<subject_id>.npz``.
+                        seed: int = 0, parts: dict[int, Path] | None = None, log=None,
+                        **recon_kwargs: Any) -> pd.DataFrame:
+    """Reconstruct every volume of ``rows`` (manifest rows, absolute paths) into ``out_dir/<subject_id>.npz``
+    (:func:`reconstruct_cached`; ``parts``: folders of an ensemble's single-``t`` parts).
 
     Returns one row per volume: ``subject_id, dataset, npz, seconds, reused`` where ``seconds`` is the model's
     wall time for that volume (CUDA synchronised; read back from the file when it is ``reused``).
@@ -196,23 +268,12 @@ def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out
     for _, row in rows.iterrows():
         sid = str(row["subject_id"])
         path = out_dir / f"{sid}.npz"
-        if not overwrite and is_valid_recon(path):
-            stored = load_npz(path).get("seconds", np.array(np.nan))
-            records.append({"subject_id": sid, "dataset": row["dataset"], "npz": str(path),
-                            "seconds": float(stored), "reused": True})
-            continue
-        vol = _load_row(row, weighting)
-        _sync(dev)
-        t0 = time.perf_counter()
-        recon, anomaly = reconstruct_volume(model, vol["image"], vol["brain_mask"], device=dev, max_batch=max_batch,
-                                            seed=subject_seed(seed, sid), **recon_kwargs)
-        _sync(dev)
-        seconds = time.perf_counter() - t0
-        save_npz(path, image=vol["image"], recon=recon, anomaly=anomaly, brain_mask=vol["brain_mask"],
-                 seg=vol["seg"], affine=vol["affine"], seconds=np.array(seconds))
+        _, _, seconds, reused = reconstruct_cached(model, load_case(row, weighting), path, device=dev,
+                                                   max_batch=max_batch, seed=subject_seed(seed, sid),
+                                                   overwrite=overwrite, parts=parts, **recon_kwargs)
         records.append({"subject_id": sid, "dataset": row["dataset"], "npz": str(path), "seconds": seconds,
-                        "reused": False})
-        if log is not None:
+                        "reused": reused})
+        if log is not None and not reused:
             log(f"[reconstruct] {row['dataset']}/{sid}: {seconds:.2f}s -> {path}")
     return pd.DataFrame(records, columns=["subject_id", "dataset", "npz", "seconds", "reused"])
 

@@ -27,7 +27,7 @@ from .datasets import EVAL_SETS, model_id
 from .metrics import dice, pooled_rank_stats, rank_stats
 from .models import MODEL_NAMES, UADModel, build_model, load_model
 from .postprocessing import PostprocessingSpec, apply_postprocessing, binarize, search_threshold, stack_pooled
-from .reconstruct import load_recon, reconstruct_dataset, variant_kwargs, variant_name
+from .reconstruct import load_recon, part_dirs, reconstruct_dataset, variant_kwargs, variant_name
 from .runtime import default_device
 from .volumes import load_nifti, save_dataframe
 
@@ -189,7 +189,9 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             for (dataset, split), sel in rows.items():
                 out = paths.recon_dir(cfg.profile, mid, fold, run["variant"], dataset)
                 idx = reconstruct_dataset(model, sel, weighting, out, device=device, max_batch=cfg.max_batch,
-                                          overwrite=cfg.overwrite, seed=cfg.seed, **variant_kwargs(run["variant"]))
+                                          overwrite=cfg.overwrite, seed=cfg.seed,
+                                          parts=part_dirs(cfg.profile, mid, fold, run["variant"], dataset),
+                                          **variant_kwargs(run["variant"]))
                 for rec in idx.to_dict("records"):
                     records.append({**{k: run[k] for k in RUN_KEYS}, "purpose": run["purpose"], "split": split,
                                     **rec})

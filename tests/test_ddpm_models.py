@@ -63,8 +63,8 @@ def test_ensemble_is_the_mean_of_single_t_reconstructions(name):
     model = _build(name)
     x = _slices(3)["image"]
     ens = model.reconstruct(x, t_test=[250, 500, 750], generator=torch.Generator().manual_seed(4))
-    g = torch.Generator().manual_seed(4)
-    singles = torch.stack([model.reconstruct(x, t_test=t, generator=g) for t in (250, 500, 750)])
+    singles = torch.stack([model.reconstruct(x, t_test=t, generator=torch.Generator().manual_seed(4))
+                           for t in (250, 500, 750)])
     assert torch.allclose(ens, singles.mean(0), atol=1e-6)
 
 
@@ -172,7 +172,7 @@ def test_pddpm_stitches_each_patch_from_its_own_pass():
     out = model.reconstruct(x, t_test=500, generator=g)
     # every pixel must come from the pass in which its own patch was noised: the fully noised x_t
     d = model.diffusion
-    noised = d.q_sample(x, torch.full((3,), 500), d.noise_like(x, torch.Generator().manual_seed(2)))
+    noised = d.q_sample(x, torch.full((3,), 500), d.test_noise(x, [500], torch.Generator().manual_seed(2)))
     assert torch.allclose(out, noised, atol=1e-6)
 
 

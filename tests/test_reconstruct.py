@@ -138,3 +138,42 @@ def test_missing_weighting_column_is_reported(tmp_path):
 def test_time_volumes_counts_each_volume():
     image, mask = _volume()
     assert len(reconstruct.time_volumes(Affine(), [image, image], [mask, mask], warmup=1)) == 2
+
+
+@pytest.mark.parametrize("name", ["ddpm", "pddpm"])
+def test_ensemble_from_saved_parts_equals_one_ensemble_call(tmp_path, name):
+    torch.manual_seed(0)
+    model = build_model(name, image_size=(8, 6), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        num_heads=2).eval()
+    with torch.no_grad():  # the output layer starts at zero: give every weight a value
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows, ens = _rows(tmp_path), reconstruct.variant_kwargs("ens")
+    parts = {t: tmp_path / v for t, v in reconstruct.ensemble_part_variants("ens").items()}
+    direct = reconstruct.reconstruct_dataset(model, rows, "t2", tmp_path / "direct", seed=3, max_batch=4, **ens)
+    derived = reconstruct.reconstruct_dataset(model, rows, "t2", tmp_path / "ens", seed=3, max_batch=4, parts=parts,
+                                              **ens)
+    single = reconstruct.reconstruct_dataset(model, rows, "t2", tmp_path / "single", seed=3, t_test=500)
+    for sid in ("s0", "s1"):
+        a, b = load_npz(tmp_path / "direct" / f"{sid}.npz"), load_npz(tmp_path / "ens" / f"{sid}.npz")
+        np.testing.assert_allclose(b["recon"], a["recon"], atol=1e-5)
+        np.testing.assert_allclose(b["anomaly"], a["anomaly"], atol=1e-5)
+        np.testing.assert_allclose(load_npz(parts[500] / f"{sid}.npz")["recon"],
+                                   load_npz(tmp_path / "single" / f"{sid}.npz")["recon"], atol=1e-5)
+    part_seconds = sum(float(load_npz(parts[t] / "s0.npz")["seconds"]) for t in parts)
+    assert derived["seconds"].iloc[0] == pytest.approx(part_seconds)
+    assert not direct["reused"].any() and not single["reused"].any()
+    # the ensemble file lost: rebuilt from the saved parts without a single network pass
+    (tmp_path / "ens" / "s0.npz").unlink()
+    calls = []
+    model.reconstruct = lambda *a, **k: calls.append(1)
+    again = reconstruct.reconstruct_dataset(model, rows, "t2", tmp_path / "ens", seed=3, parts=parts, **ens)
+    assert not calls and list(again["reused"]) == [False, True]
+    np.testing.assert_allclose(load_npz(tmp_path / "ens" / "s0.npz")["recon"],
+                               load_npz(tmp_path / "direct" / "s0.npz")["recon"], atol=1e-5)
+
+
+def test_ensemble_part_variants():
+    assert reconstruct.ensemble_part_variants("ens") == {250: "t250", 500: "t500", 750: "t750"}
+    assert reconstruct.ensemble_part_variants("ens_contrast0.5")[750] == "t750_contrast0.5"
+    assert reconstruct.ensemble_part_variants("t500") == {} == reconstruct.ensemble_part_variants("default")

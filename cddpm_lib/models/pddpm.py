@@ -115,7 +115,7 @@ class PatchedDiffusionAD(DiffusionAD):
         n_t, n_p, b = len(ts), self.masks.shape[0], x.shape[0]
         t = torch.tensor(ts, device=x.device).repeat_interleave(b)                        # [n_t · B]
         x_rep = x.repeat(n_t, 1, 1, 1)
-        x_t = d.q_sample(x_rep, t, torch.cat([d.noise_like(x, generator) for _ in ts]))
+        x_t = d.q_sample(x_rep, t, d.test_noise(x, ts, generator))
         # order (t, patch, slice)
         m = self.masks[None, :, None]                                                     # [1, P, 1, 1, H, W]
         x_in = self.noise_patch(x_rep.view(n_t, 1, b, *x.shape[1:]), x_t.view(n_t, 1, b, *x.shape[1:]), m)
