@@ -9,7 +9,6 @@ error; its executed copy (with the traceback) stays for inspection and earlier r
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +16,7 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import paths
 from .config import ConfigError, load_stage_profiles, profile_params
@@ -38,6 +37,10 @@ STAGE_NOTEBOOKS: dict[str, str] = {
     "postprocessing_ablation": "07_postprocessing_ablation.ipynb",
 }
 STAGES: tuple[str, ...] = (*STAGE_NOTEBOOKS, "report")
+#: stages whose single run goes alone, on every core: data and preprocessing (nothing else can run yet) and the
+#: evaluation stages, which share the cached reconstructions (in order, each reuses what the one before saved)
+EXCLUSIVE_STAGES: frozenset[str] = frozenset(
+    {"data", "preprocessing", "reconstruction_quality", "domain_shift", "segmentation", "postprocessing_ablation"})
 
 
 class PipelineError(RuntimeError):
@@ -53,6 +56,11 @@ class Node:
     notebook: str  # file name in notebooks/
     parameters: dict[str, Any]
     deps: tuple[str, ...] = ()
+
+    @property
+    def exclusive(self) -> bool:
+        """Runs alone with all CPU cores (:data:`EXCLUSIVE_STAGES`)."""
+        return self.stage in EXCLUSIVE_STAGES
 
     @property
     def label(self) -> str:
@@ -179,8 +187,26 @@ def is_up_to_date(node: Node, profile: str, finished: dict[str, float]) -> bool:
 # Execution
 
 
-def execute_node(node: Node, profile: str, notebooks_dir: Path, kernel_name: str = KERNEL_NAME) -> float:
-    """Run one notebook with papermill; returns wall seconds. Raises :class:`PipelineError` on failure."""
+def _kernel_manager_class(threads: int | None):
+    """nbclient's kernel manager, launching the kernel with ``OMP_NUM_THREADS=threads`` (torch reads it at start-up)
+    in the kernel's own environment: runs side by side each get their own setting, ``os.environ`` is untouched."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if threads is None:
+        return AsyncKernelManager
+
+    class ThreadsKernelManager(AsyncKernelManager):
+        async def _async_pre_start_kernel(self, **kw):
+            kw["env"] = {**(kw.get("env") or os.environ), "OMP_NUM_THREADS": str(threads)}
+            return await super()._async_pre_start_kernel(**kw)
+
+    return ThreadsKernelManager
+
+
+def execute_node(node: Node, profile: str, notebooks_dir: Path, kernel_name: str = KERNEL_NAME,
+                 threads: int | None = None) -> float:
+    """Run one notebook with papermill (its kernel on ``threads`` CPU threads; None: the environment's setting);
+    returns wall seconds. Raises :class:`PipelineError` on failure."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -192,6 +218,7 @@ def execute_node(node: Node, profile: str, notebooks_dir: Path, kernel_name: str
         papermill.execute_notebook(
             str(notebooks_dir / node.notebook), str(out), parameters=node.parameters, kernel_name=kernel_name,
             cwd=str(notebooks_dir), progress_bar=False, log_output=False,
+            kernel_manager_class=_kernel_manager_class(threads),
         )
     except PapermillExecutionError as exc:
         raise PipelineError(
@@ -223,18 +250,12 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, jobs))
 
 
-@contextlib.contextmanager
-def _kernel_threads(jobs: int) -> Iterator[None]:
-    """Set ``OMP_NUM_THREADS`` (read by torch in each kernel at start-up) for ``jobs`` > 1 parallel runs, unless
-    the user set it; restored afterwards."""
-    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    os.environ["OMP_NUM_THREADS"] = str(threads_per_job(jobs))
-    try:
-        yield
-    finally:
-        os.environ.pop("OMP_NUM_THREADS", None)
+def node_threads(node: Node, jobs: int, cores: int | None = None) -> int | None:
+    """CPU threads for ``node``'s kernel: every core for an exclusive node, :func:`threads_per_job` otherwise;
+    None (the kernel inherits it) when the user set ``OMP_NUM_THREADS``."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return threads_per_job(1 if node.exclusive else jobs, cores)
 
 
 def run_pipeline(
@@ -253,16 +274,9 @@ def run_pipeline(
 
     ``force``: stages to rerun even when up to date (their dependants rerun too, being newer).
     ``only``: restrict to these stages (their dependencies must already be done).
-    ``jobs``: runs side by side, each kernel with :func:`threads_per_job` CPU threads.
+    ``jobs``: training and SSL runs side by side, each kernel with :func:`threads_per_job` CPU threads; the
+    other stages run one at a time on all cores (:data:`EXCLUSIVE_STAGES`).
     """
-    with _kernel_threads(jobs):
-        return _run_pipeline(profile, jobs=jobs, force=force, only=only, overrides=overrides,
-                             notebooks_dir=notebooks_dir, kernel_name=kernel_name, report=report, log=log)
-
-
-def _run_pipeline(profile: str, *, jobs: int, force: Sequence[str], only: Sequence[str] | None,
-                  overrides: dict[str, dict[str, Any]] | None, notebooks_dir: Path | None, kernel_name: str,
-                  report: bool, log: Callable[[str], None]) -> dict[str, Any]:
     paths.check_profile(profile)
     notebooks_dir = Path(notebooks_dir or paths.repo_root() / "notebooks")
     for stage in force:
@@ -303,7 +317,8 @@ def _run_pipeline(profile: str, *, jobs: int, force: Sequence[str], only: Sequen
 
     total = len(todo)
     log(f"[pipeline] profile={profile}: {len(pending)} runs, {total} to execute, {len(pending) - total} up to date"
-        f"; {jobs} at a time, {os.environ.get('OMP_NUM_THREADS', 'all')} CPU thread(s) each")
+        f"; training/SSL {jobs} at a time on {_threads_text(jobs)} CPU thread(s) each, the other stages one at a "
+        f"time on {_threads_text(1)}")
     t_start = time.time()
     done_count = 0
     running: dict[Future, Node] = {}
@@ -314,11 +329,14 @@ def _run_pipeline(profile: str, *, jobs: int, force: Sequence[str], only: Sequen
         while (remaining or running) and failure is None:
             ready = [n for n in remaining if all(d not in todo_keys or d in finished for d in n.deps)
                      and all(d not in [r.key for r in running.values()] for d in n.deps)]
-            while ready and len(running) < max(1, jobs):
+            while ready and len(running) < max(1, jobs) and not any(r.exclusive for r in running.values()):
+                if ready[0].exclusive and running:
+                    break  # an exclusive node waits until the machine is free
                 node = ready.pop(0)
                 remaining.remove(node)
                 log(f"[pipeline] start  {node.label}")
-                running[pool.submit(execute_node, node, profile, notebooks_dir, kernel_name)] = node
+                running[pool.submit(execute_node, node, profile, notebooks_dir, kernel_name,
+                                    node_threads(node, jobs))] = node
             if not running:
                 raise PipelineError("no runnable node left: dependency cycle or failed dependency")
             finished_futures, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -351,6 +369,10 @@ def _run_pipeline(profile: str, *, jobs: int, force: Sequence[str], only: Sequen
         log(f"[pipeline] report {path}")
     log(f"[pipeline] finished in {(time.time() - t_start) / 60:.1f} min")
     return status
+
+
+def _threads_text(jobs: int) -> str:
+    return os.environ["OMP_NUM_THREADS"] if "OMP_NUM_THREADS" in os.environ else str(threads_per_job(jobs))
 
 
 def _write_log(profile: str, status: dict[str, dict[str, Any]], nodes: Sequence[Node]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import nbformat
 import pytest
@@ -97,15 +98,50 @@ def test_runs_skips_and_forces(fake_env):
     assert logged["nodes"]["training/ddpm_t2/fold0"]["stage"] == "training"
 
 
+def _threads_by_stage(log) -> dict[str, set[str]]:
+    stages = log.read_text().split()
+    threads = (log.parent / "log.txt.threads").read_text().split()
+    out: dict[str, set[str]] = {}
+    for stage, n in zip(stages, threads):
+        out.setdefault(stage, set()).add(n)
+    return out
+
+
 def test_parallel_runs_share_the_cores(fake_env, monkeypatch):
     nb_dir, log, _ = fake_env
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 4)
     status = pipeline.run_pipeline("smoke", jobs=2, notebooks_dir=nb_dir, report=False, log=lambda m: None)
     assert all(v["status"] == "ran" for v in status.values())
-    assert set((log.parent / "log.txt.threads").read_text().split()) == {"2"}  # 4 cores / 2 jobs, every kernel
-    assert "OMP_NUM_THREADS" not in pipeline.os.environ                        # restored afterwards
+    by_stage = _threads_by_stage(log)
+    assert by_stage["training"] == {"2"}  # 4 cores / 2 jobs, in the kernel's environment
+    assert by_stage["segmentation"] == {"4"} and by_stage["data"] == {"4"}  # exclusive stages: every core
+    assert "OMP_NUM_THREADS" not in pipeline.os.environ  # the parent's environment is untouched
     assert pipeline.threads_per_job(3, cores=2) == 1 and pipeline.threads_per_job(1, cores=16) == 16
+
+
+def test_exclusive_stages_run_alone(fake_env, monkeypatch):
+    """Two folds of training run side by side; no evaluation stage overlaps another run."""
+    nb_dir, log, _ = fake_env
+    monkeypatch.setitem(SETTINGS, "folds", [0, 1])
+    spans = []
+    real = pipeline.execute_node
+
+    def timed(node, *args, **kwargs):
+        t0 = time.time()
+        out = real(node, *args, **kwargs)
+        spans.append((node, t0, time.time()))
+        return out
+
+    monkeypatch.setattr(pipeline, "execute_node", timed)
+    pipeline.run_pipeline("smoke", jobs=2, notebooks_dir=nb_dir, report=False, log=lambda m: None)
+    for node, a0, a1 in spans:
+        overlapping = [m.key for m, b0, b1 in spans if m is not node and b0 < a1 and a0 < b1]
+        if node.exclusive:
+            assert not overlapping, (node.key, overlapping)
+    train = [(a0, a1) for n, a0, a1 in spans if n.stage == "training"]
+    assert len(train) == 2 and train[0][0] < train[1][1] and train[1][0] < train[0][1]  # side by side
+    assert {n.stage for n, *_ in spans} >= {"segmentation", "reconstruction_quality", "domain_shift"}
 
 
 def test_user_thread_setting_is_kept(fake_env, monkeypatch):
