@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from benchmarks import write_section
 from cddpm_lib import metrics, postprocessing
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics.md"
@@ -116,9 +117,7 @@ def main(argv=None) -> int:
         "the best DICE come from the same pass. The median filter skips windows that are more than half zeros "
         "(their median is 0 for non-negative residuals) and takes `np.partition` of the others.",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print(RESULTS)
+    write_section(RESULTS, lines)
     return 0
 
 

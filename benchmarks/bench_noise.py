@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import write_section
 from cddpm_lib.models import build_model
 from cddpm_lib.noise import SimplexNoise, fractal_simplex
 
@@ -138,9 +139,7 @@ def main(argv=None) -> int:
     for label, t_n, t_s in fractions:
         lines.append(f"| {label} | {t_n:.4f} | {t_s:.3f} | {100 * t_n / t_s:.1f} % |")
     lines.append("")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(RESULTS)
+    write_section(RESULTS, lines)
     return 0
 
 

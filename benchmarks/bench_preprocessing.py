@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from cddpm_lib import paths, preprocessing as pp, synthetic
+from cddpm_lib import paths, synthetic
+from cddpm_lib import preprocessing as pp
 from cddpm_lib.config import profile_params
 from cddpm_lib.volumes import save_text
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from benchmarks import write_section
 from cddpm_lib import data, engine, spark
 from cddpm_lib.config import profile_params
 from cddpm_lib.models import build_model
@@ -130,9 +131,7 @@ def main(argv=None) -> int:
     lines += ["", f"Data pipeline alone (32-slice batches, one process): {pipe[False]:.0f} slices/s without "
               f"augmentation, {pipe[True]:.0f} slices/s with the paper's four torchio transforms.", "",
               "Command: `" + " ".join([".venv/bin/python -m benchmarks.bench_training", *cli_args]) + "`"]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print(RESULTS)
+    write_section(RESULTS, lines)
     return 0
 
 

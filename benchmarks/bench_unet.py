@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks import write_section
 from cddpm_lib.models import build_model
 from cddpm_lib.unet import UNet
 
@@ -55,8 +56,8 @@ def monai_unet(channels: int, mult: tuple[int, ...], blocks: int, heads: int) ->
                               num_head_channels=widths[-1] // heads)
 
 
-def train_step_time(net: torch.nn.Module, size: int, batch: int, repeats: int) -> float:
-    """Median seconds of forward + L1 + backward + Adam on ``batch`` slices of ``size``²."""
+def train_step(net: torch.nn.Module, size: int, batch: int):
+    """One forward + L1 + backward + Adam step of ``net`` on ``batch`` fixed slices of ``size``²."""
     torch.manual_seed(0)
     x = torch.rand(batch, 1, size, size)
     t = torch.randint(1, 1001, (batch,))
@@ -67,7 +68,23 @@ def train_step_time(net: torch.nn.Module, size: int, batch: int, repeats: int) -
         (net(x, t) - x).abs().mean().backward()
         opt.step()
 
-    return timed(step, repeats)
+    return step
+
+
+def interleaved_times(steps: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """``{name: (median wall s, median CPU s)}``; one warm-up each, then the steps alternate so that a change of
+    load on the machine hits every contender alike."""
+    for step in steps.values():
+        step()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
 
 
 def unet_rows(repeats: int, skip_paper: bool) -> list[str]:
@@ -79,11 +96,12 @@ def unet_rows(repeats: int, skip_paper: bool) -> list[str]:
         kit = UNet(model_channels=ch, channel_mult=mult, num_res_blocks=blocks, num_heads=4)
         ref = monai_unet(ch, mult, blocks, heads=4)
         n = repeats if label == "quick" else max(1, repeats // 2)
-        t_kit, t_ref = train_step_time(kit, size, batch, n), train_step_time(ref, size, batch, n)
-        print(f"{label}: kit {t_kit:.3f} s, MONAI {t_ref:.3f} s", flush=True)
+        res = interleaved_times({"kit": train_step(kit, size, batch), "monai": train_step(ref, size, batch)}, n)
+        (w_kit, c_kit), (w_ref, c_ref) = res["kit"], res["monai"]
+        print(f"{label}: kit {w_kit:.3f} s ({c_kit:.3f} CPU), MONAI {w_ref:.3f} s ({c_ref:.3f} CPU)", flush=True)
         rows.append(f"| {label}: {ch}·{mult}, {blocks} res block(s), {size} px, batch {batch} | "
-                    f"{n_params(kit) / 1e6:.2f} M / {n_params(ref) / 1e6:.2f} M | {t_kit:.3f} | {t_ref:.3f} | "
-                    f"{t_ref / t_kit:.2f} |")
+                    f"{n_params(kit) / 1e6:.2f} M / {n_params(ref) / 1e6:.2f} M | {w_kit:.3f} | {w_ref:.3f} | "
+                    f"{w_ref / w_kit:.2f} | {c_ref / c_kit:.2f} |")
     return rows
 
 
@@ -143,13 +161,14 @@ def main(argv=None) -> int:
     lines = [
         "## Denoising U-Net and inference",
         "",
-        f"{cmd} — {torch.get_num_threads()} torch thread(s), CPU. Median wall times.",
+        f"{cmd} — {torch.get_num_threads()} torch thread(s), CPU. Median wall times (CPU times where stated).",
         "",
         "Training step (forward + L1 + backward + Adam) of the kit's ADM U-Net and MONAI's `DiffusionModelUNet`"
-        " at equal widths, residual blocks, residual up/down-sampling, middle-block attention:",
+        " at equal widths, residual blocks, residual up/down-sampling, middle-block attention; kit and MONAI steps"
+        " alternate in one process (the kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding):",
         "",
-        "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit |",
-        "|---|---|---|---|---|",
+        "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit (wall) | MONAI / kit (CPU) |",
+        "|---|---|---|---|---|---|",
         *unet,
         "",
         "Inference: seconds per 96 × 96 × 50 volume (50 slices, `max_batch=64`) at the quick-profile widths:",
@@ -169,9 +188,7 @@ def main(argv=None) -> int:
         *prof,
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(RESULTS)
+    write_section(RESULTS, lines)
     return 0
 
 

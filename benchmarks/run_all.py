@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ("preprocessing", "noise", "unet", "training", "metrics")
+ORDER = ("preprocessing", "noise", "unet", "training", "cpu", "metrics")
 
 
 def assemble() -> Path:
