@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cddpm_lib.unet import AttentionBlock, ResBlock, UNet, film, group_norm, timestep_embedding
+from cddpm_lib.unet import AttentionBlock, ResBlock, UNet, film, group_norm, norm_film, timestep_embedding
 
 TINY = dict(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=2)
 
@@ -61,6 +61,38 @@ def test_film_with_zero_gamma_and_beta_is_identity():
     assert torch.equal(film(f, torch.zeros(2, 5), torch.zeros(2, 5)), f)
     out = film(f, torch.ones(2, 5), torch.full((2, 5), 3.0))
     assert torch.allclose(out, 2 * f + 3)
+
+
+def test_fused_norm_film_equals_groupnorm_then_film():
+    """The one-call GroupNorm + FiLM gives the paper's f' = GroupNorm(f) · (γ + 1) + β, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    norm = group_norm(12)
+    with torch.no_grad():  # non-trivial affine of the norm itself
+        norm.weight.copy_(torch.randn(12, generator=g))
+        norm.bias.copy_(torch.randn(12, generator=g))
+    f = torch.randn(3, 12, 5, 7, generator=g, requires_grad=True)
+    gamma = torch.randn(3, 12, generator=g, requires_grad=True)
+    beta = torch.randn(3, 12, generator=g, requires_grad=True)
+    fused, reference = norm_film(norm, f, gamma, beta), film(norm(f), gamma, beta)
+    assert torch.allclose(fused, reference, atol=1e-5)
+    w = torch.randn(fused.shape, generator=g)
+    grads_fused = torch.autograd.grad((fused * w).sum(), [f, gamma, beta, norm.weight, norm.bias])
+    grads_ref = torch.autograd.grad((reference * w).sum(), [f, gamma, beta, norm.weight, norm.bias])
+    for a, b in zip(grads_fused, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_attention_block_matches_an_explicit_softmax_reference():
+    block = AttentionBlock(8, num_heads=2)
+    _perturb(block)
+    x = torch.randn(2, 8, 4, 6)
+    b, c, h, w = x.shape
+    qkv = torch.nn.functional.conv1d(block.norm(x).reshape(b, c, h * w), block.qkv.weight, block.qkv.bias)
+    q, k, v = qkv.reshape(b, 3, 2, c // 2, h * w).unbind(1)  # [b, heads, d, hw]
+    attn = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(c // 2), dim=-1)  # [b, heads, hw, hw]
+    out = (v @ attn.transpose(-1, -2)).reshape(b, c, h * w)
+    expected = x + torch.nn.functional.conv1d(out, block.proj.weight, block.proj.bias).reshape(b, c, h, w)
+    assert torch.allclose(block(x), expected, atol=1e-5)
 
 
 def test_resblock_with_zero_projection_ignores_the_conditioning():
