@@ -387,11 +387,12 @@ def _write_log(profile: str, status: dict[str, dict[str, Any]], nodes: Sequence[
     stage_of = {n.key: n.stage for n in nodes}
     merged = dict(previous)
     for key, st in status.items():
-        if st["status"].startswith("skipped") and key in previous:
-            continue
         rec = done_record(next(n for n in nodes if n.key == key), profile) if key in stage_of else None
-        merged[key] = {**st, "stage": stage_of.get(key, key),
-                       "seconds": st["seconds"] or (rec or {}).get("seconds", 0.0)}
+        if not (st["status"].startswith("skipped") and key in previous):  # a skipped run keeps its entry
+            merged[key] = {**st, "stage": stage_of.get(key, key),
+                           "seconds": st["seconds"] or (rec or {}).get("seconds", 0.0)}
+        if rec is not None and "finished" in rec:
+            merged[key]["finished"] = rec["finished"]  # epoch seconds; with "seconds", the run's span
     save_json({"profile": profile, "nodes": merged, "written": time.time()}, path)
 
 

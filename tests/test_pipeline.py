@@ -95,7 +95,8 @@ def test_runs_skips_and_forces(fake_env):
     pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, log=lambda m: None)
     assert log.read_text().split()[9:] == ["domain_shift"]
     logged = json.loads((pipeline.paths.run_dir("smoke") / "pipeline_log.json").read_text())
-    assert logged["nodes"]["training/ddpm_t2/fold0"]["stage"] == "training"
+    node = logged["nodes"]["training/ddpm_t2/fold0"]
+    assert node["stage"] == "training" and node["finished"] > node["seconds"] > 0
 
 
 def _threads_by_stage(log) -> dict[str, set[str]]:

@@ -56,14 +56,19 @@ def test_report_shows_results_figures_and_times(tmp_path, monkeypatch):
     info.parent.mkdir(parents=True)
     info.write_text(json.dumps({"source": "synthetic", "manifest": "generated"}))
     (paths.run_dir("smoke") / "pipeline_log.json").write_text(json.dumps(
-        {"nodes": {"data": {"stage": "data", "seconds": 3.0, "status": "ran"},
-                   "training/ddpm_t2/fold0": {"stage": "training", "seconds": 60.0, "status": "ran"}}}))
+        {"nodes": {"data": {"stage": "data", "seconds": 3.0, "status": "ran", "finished": 1003.0},
+                   "training/ddpm_t2/fold0": {"stage": "training", "seconds": 60.0, "status": "ran",
+                                              "finished": 1070.0},
+                   "training/ddpm_t2/fold1": {"stage": "training", "seconds": 50.0, "status": "ran",
+                                              "finished": 1060.0}}}))
     out = report.build_report("smoke")
     parsed = parse(out)
     assert "51.23" in parsed.cells and "51.34" in parsed.cells
     assert "../figures/fig5_dice_vs_t.png" in parsed.imgs
     assert any(h.startswith("Table 3") for h in parsed.h)
-    assert "training" in parsed.cells and "60.0" in parsed.cells
+    assert "training" in parsed.cells and "110.0" in parsed.cells  # two runs, 60 + 50 s of notebook time
+    assert "60.0" in parsed.cells  # side by side: 60 s of wall clock, from 1010 to 1070
+    assert "wall clock from the first run's start to the last run's finish: 1.2 min" in out.read_text()
     assert "synthetic" in out.read_text()
 
 
