@@ -2,7 +2,8 @@
 
 1. **Training step** (forward + L1 loss + backward + Adam) of the kit's :class:`cddpm_lib.unet.UNet` and of
    MONAI's ``DiffusionModelUNet`` built with the same widths, residual blocks per level, residual up/down-sampling,
-   attention only in the middle block, same head width and GroupNorm groups, on the same batch, in this process.
+   attention only in the middle block, same head width and GroupNorm groups, on the same batch, each network in a
+   fresh process of its own (alternating), so neither inherits the other's allocator or cache state.
    (MONAI adds the time embedding to the features; the kit uses scale-shift norm, as the authors' ADM U-Net.)
 2. **Inference**: seconds per 96 × 96 × 50 volume (50 slices through ``model.reconstruct``) for DDPM, cDDPM
    (t_test = 500 and the ensemble [250, 500, 750]) and pDDPM (2 × 2 patches) at the quick-profile width; the
@@ -15,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -56,9 +59,19 @@ def monai_unet(channels: int, mult: tuple[int, ...], blocks: int, heads: int) ->
                               num_head_channels=widths[-1] // heads)
 
 
-def train_step(net: torch.nn.Module, size: int, batch: int):
-    """One forward + L1 + backward + Adam step of ``net`` on ``batch`` fixed slices of ``size``²."""
+def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.nn.Module:
     torch.manual_seed(0)
+    if which == "kit":
+        return UNet(model_channels=ch, channel_mult=mult, num_res_blocks=blocks, num_heads=4)
+    return monai_unet(ch, mult, blocks, heads=4)
+
+
+def _step_worker(which: str, config: tuple, steps: int, threads: int, out) -> None:
+    """In a fresh process: ``steps`` timed training steps (forward + L1 + backward + Adam) after one warm-up;
+    puts ``(parameter count, wall seconds list, CPU seconds list)``."""
+    torch.set_num_threads(threads)
+    ch, mult, blocks, size, batch = config
+    net = build_net(which, ch, mult, blocks)
     x = torch.rand(batch, 1, size, size)
     t = torch.randint(1, 1001, (batch,))
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -68,40 +81,68 @@ def train_step(net: torch.nn.Module, size: int, batch: int):
         (net(x, t) - x).abs().mean().backward()
         opt.step()
 
-    return step
-
-
-def interleaved_times(steps: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """``{name: (median wall s, median CPU s)}``; one warm-up each, then the steps alternate so that a change of
-    load on the machine hits every contender alike."""
-    for step in steps.values():
+    step()
+    wall, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-    wall: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    out.put((n_params(net), wall, cpu))
 
 
-def unet_rows(repeats: int, skip_paper: bool) -> list[str]:
-    configs = [("quick", 16, (1, 2, 2), 1, 64, 8)]
+#: glibc malloc settings that keep freed memory in the process (no mmap per large tensor, no trimming): every step
+#: then reuses pages instead of faulting fresh ones in, which takes the allocator out of the comparison
+KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
+
+
+def step_times(config: tuple, rounds: int, steps: int, threads: int,
+               env: dict[str, str] | None = None) -> dict[str, tuple[int, float, float, float, float]]:
+    """``{"kit"|"monai": (parameters, median wall s, median CPU s, lowest and highest per-process median wall s)}``:
+    each network in a process of its own (no shared allocator or cache state), the two alternating for ``rounds``
+    rounds of ``steps`` steps."""
+    ctx = mp.get_context("spawn")
+    samples: dict[str, list] = {"kit": [0, [], [], []], "monai": [0, [], [], []]}
+    for r in range(rounds):
+        for which in (("kit", "monai") if r % 2 == 0 else ("monai", "kit")):
+            out = ctx.Queue()
+            proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, out))
+            saved = {k: os.environ.get(k) for k in (env or {})}
+            os.environ.update(env or {})  # read by the child's C library at start-up
+            try:
+                proc.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            n, wall, cpu = out.get()
+            proc.join()
+            samples[which][0] = n
+            samples[which][1] += wall
+            samples[which][2] += cpu
+            samples[which][3].append(statistics.median(wall))
+    return {k: (v[0], statistics.median(v[1]), statistics.median(v[2]), min(v[3]), max(v[3]))
+            for k, v in samples.items()}
+
+
+def unet_rows(repeats: int, skip_paper: bool, threads: int) -> list[str]:
+    quick, paper = (16, (1, 2, 2), 1, 64, 8), (128, (1, 2, 2), 3, 96, 4)
+    configs = [("quick", quick, None), ("quick, freed memory kept (glibc `MALLOC_*` settings)", quick, KEEP_MEMORY_ENV)]
     if not skip_paper:
-        configs.append(("paper", 128, (1, 2, 2), 3, 96, 4))
+        configs.append(("paper", paper, None))
     rows = []
-    for label, ch, mult, blocks, size, batch in configs:
-        kit = UNet(model_channels=ch, channel_mult=mult, num_res_blocks=blocks, num_heads=4)
-        ref = monai_unet(ch, mult, blocks, heads=4)
-        n = repeats if label == "quick" else max(1, repeats // 2)
-        res = interleaved_times({"kit": train_step(kit, size, batch), "monai": train_step(ref, size, batch)}, n)
-        (w_kit, c_kit), (w_ref, c_ref) = res["kit"], res["monai"]
+    for label, config, env in configs:
+        rounds, steps = (repeats, 5) if config is quick else (max(2, repeats // 2), 2)
+        res = step_times(config, rounds, steps, threads, env)
+        (n_kit, w_kit, c_kit, lo_kit, hi_kit), (n_ref, w_ref, c_ref, lo_ref, hi_ref) = res["kit"], res["monai"]
+        ch, mult, blocks, size, batch = config
         print(f"{label}: kit {w_kit:.3f} s ({c_kit:.3f} CPU), MONAI {w_ref:.3f} s ({c_ref:.3f} CPU)", flush=True)
         rows.append(f"| {label}: {ch}·{mult}, {blocks} res block(s), {size} px, batch {batch} | "
-                    f"{n_params(kit) / 1e6:.2f} M / {n_params(ref) / 1e6:.2f} M | {w_kit:.3f} | {w_ref:.3f} | "
-                    f"{w_ref / w_kit:.2f} | {c_ref / c_kit:.2f} |")
+                    f"{n_kit / 1e6:.2f} M / {n_ref / 1e6:.2f} M | {w_kit:.3f} | {w_ref:.3f} | "
+                    f"{w_ref / w_kit:.2f} | {c_ref / c_kit:.2f} | {rounds} × {steps} | "
+                    f"{lo_kit:.3f}–{hi_kit:.3f} / {lo_ref:.3f}–{hi_ref:.3f} |")
     return rows
 
 
@@ -151,7 +192,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = unet_rows(args.repeats, args.skip_paper)
+    unet = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads())
     infer, sec = inference_rows(max(1, args.repeats // 2))
     prof = profile_rows(args.repeats)
     ratio_p = 100 * (1 - sec["cDDPM, ENS"] / sec["pDDPM, ENS"])
@@ -164,11 +205,16 @@ def main(argv=None) -> int:
         f"{cmd} — {torch.get_num_threads()} torch thread(s), CPU. Median wall times (CPU times where stated).",
         "",
         "Training step (forward + L1 + backward + Adam) of the kit's ADM U-Net and MONAI's `DiffusionModelUNet`"
-        " at equal widths, residual blocks, residual up/down-sampling, middle-block attention; kit and MONAI steps"
-        " alternate in one process (the kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding):",
+        " at equal widths, residual blocks, residual up/down-sampling, middle-block attention. Each network runs in a"
+        " fresh process of its own, kit and MONAI alternating (order swapped every round); medians over all timed"
+        " steps. The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding. At the quick width"
+        " part of a step is page faults of freshly mapped tensors, which differ between the two networks' allocation"
+        " patterns; the second quick row keeps freed memory in the process (`MALLOC_MMAP_THRESHOLD_`,"
+        " `MALLOC_TRIM_THRESHOLD_`) so that only the computation is compared:",
         "",
-        "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit (wall) | MONAI / kit (CPU) |",
-        "|---|---|---|---|---|---|",
+        "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit (wall) | MONAI / kit (CPU) "
+        "| processes × steps each | per-process medians kit / MONAI |",
+        "|---|---|---|---|---|---|---|---|",
         *unet,
         "",
         "Inference: seconds per 96 × 96 × 50 volume (50 slices, `max_batch=64`) at the quick-profile widths:",
@@ -177,7 +223,7 @@ def main(argv=None) -> int:
         "|---|---|",
         *infer,
         "",
-        f"cDDPM-ENS takes {ratio_p:.0f} % less time than pDDPM-ENS (paper: ≈ 37 % less) and {ratio_d:+.0f} % "
+        f"cDDPM-ENS takes {ratio_p:.0f} % less time than pDDPM-ENS (paper: ≈ 37 % less) and {ratio_d:+.1f} % "
         "relative to DDPM-ENS (paper: ≈ +2 %): pDDPM runs one pass per patch (4 at 2 × 2), cDDPM one encoder pass"
         " per slice on top of the DDPM.",
         "",
