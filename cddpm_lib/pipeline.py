@@ -318,7 +318,7 @@ def run_pipeline(
     total = len(todo)
     log(f"[pipeline] profile={profile}: {len(pending)} runs, {total} to execute, {len(pending) - total} up to date"
         f"; training/SSL {jobs} at a time on {_threads_text(jobs)} CPU thread(s) each, the other stages one at a "
-        f"time on {_threads_text(1)}")
+        f"time on {_threads_text(1)} CPU thread(s)")
     t_start = time.time()
     done_count = 0
     running: dict[Future, Node] = {}
