@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import yaml
@@ -107,16 +108,8 @@ def step_times(config: tuple, rounds: int, steps: int, threads: int,
         for which in (("kit", "monai") if r % 2 == 0 else ("monai", "kit")):
             out = ctx.Queue()
             proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, out))
-            saved = {k: os.environ.get(k) for k in (env or {})}
-            os.environ.update(env or {})  # read by the child's C library at start-up
-            try:
+            with mock.patch.dict(os.environ, env or {}):  # read by the child's C library at start-up
                 proc.start()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             n, wall, cpu = out.get()
             proc.join()
             samples[which][0] = n

@@ -253,9 +253,11 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
 def node_threads(node: Node, jobs: int, cores: int | None = None) -> int | None:
     """CPU threads for ``node``'s kernel: every core for an exclusive node, :func:`threads_per_job` otherwise;
     None (the kernel inherits it) when the user set ``OMP_NUM_THREADS``."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    return threads_per_job(1 if node.exclusive else jobs, cores)
+    return _threads(1 if node.exclusive else jobs, cores)
+
+
+def _threads(jobs: int, cores: int | None = None) -> int | None:
+    return None if "OMP_NUM_THREADS" in os.environ else threads_per_job(jobs, cores)
 
 
 def run_pipeline(
@@ -372,7 +374,8 @@ def run_pipeline(
 
 
 def _threads_text(jobs: int) -> str:
-    return os.environ["OMP_NUM_THREADS"] if "OMP_NUM_THREADS" in os.environ else str(threads_per_job(jobs))
+    n = _threads(jobs)
+    return os.environ["OMP_NUM_THREADS"] if n is None else str(n)
 
 
 def _write_log(profile: str, status: dict[str, dict[str, Any]], nodes: Sequence[Node]) -> None:
