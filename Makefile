@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.setup-done
 KERNEL := cddpm-uad
 
-.PHONY: setup reproduce smoke test test-fast lab bench clean-runs help
+.PHONY: setup reproduce smoke test test-fast lab bench bench-gpu clean-runs help
 
 help:
 	@echo "make reproduce [PROFILE=quick|smoke|paper] [JOBS=N]   run the whole paper (default: quick, embedded data)"
@@ -19,6 +19,7 @@ help:
 	@echo "make lab                                              JupyterLab on notebooks/ with the kit's kernel"
 	@echo "make smoke                                            smoke profile end to end"
 	@echo "make bench                                            speed benchmarks -> BENCHMARKS.md"
+	@echo "make bench-gpu [TORCH_SPEC=...]                       U-Net/inference/paper-profile benchmarks on CUDA"
 
 setup: $(STAMP)
 
@@ -49,6 +50,12 @@ lab: setup
 bench: setup
 	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m benchmarks.run_all
+
+# Needs a CUDA build of torch (TORCH_SPEC) and a GPU; adds its own section to BENCHMARKS.md.
+bench-gpu: setup
+	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m benchmarks.bench_unet --device cuda --amp bf16 --channels-last
+	$(PY) -m benchmarks.run_all --assemble
 
 clean-runs:
 	rm -rf runs/smoke

@@ -7,6 +7,12 @@
 2. **Reconstruction** of one quick volume (64×64×32) at t_test = 500 for DDPM and pDDPM against ``max_batch``
    (slices × patches × noise levels per forward pass), at one thread and at all cores. Results do not depend on
    ``max_batch`` (tested); only the time does.
+3. **Allocator**: glibc's default against freed memory kept in the process
+   (:func:`cddpm_lib.runtime.keep_freed_memory`, which ``engine.fit`` and ``reconstruct_volume`` turn on): a
+   quick cDDPM training step and the ENS reconstruction of one quick volume, one thread, each set-up in fresh
+   processes, alternating. Time, minor page faults and the process's peak resident set.
+
+Parts 1 and 2 run with freed memory kept, as the kit's training and evaluation do.
 
     .venv/bin/python -m benchmarks.bench_cpu [--steps 20] [--repeats 3]
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import time
@@ -22,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_section
+from benchmarks import proc_status_bytes, write_section
+from cddpm_lib import runtime
 from cddpm_lib.config import profile_params
 from cddpm_lib.models import build_model
 
@@ -39,6 +47,7 @@ def _quick_model(name: str):
 def _train_worker(threads: int, steps: int, batch: int, start, out) -> None:
     """One process: ``steps`` cDDPM training steps on ``threads`` threads after a warm-up; puts slices/s."""
     torch.set_num_threads(threads)
+    runtime.keep_freed_memory()  # as engine.fit
     model = _quick_model("cddpm")
     opt = model.configure_optimizers(1e-4)
     x = torch.rand(batch, 1, SIZE, SIZE)
@@ -79,6 +88,60 @@ def reconstruction_seconds(name: str, max_batch: int, threads: int, repeats: int
     return statistics.median(times)
 
 
+def _allocator_worker(task: str, keep: bool, repeats: int, out) -> None:
+    """One fresh process, one thread: ``repeats`` timed calls of ``task`` (``train``: a quick cDDPM training step;
+    ``recon``: the ENS reconstruction of a 64×64×32 volume at ``max_batch`` 16, the quick evaluation setting) after
+    a warm-up; puts ``(median seconds, minor page faults per call, peak resident set in MiB)`` (``VmHWM``: this
+    process's own peak; ``ru_maxrss`` would carry the parent's over the fork)."""
+    torch.set_num_threads(1)
+    if keep:
+        runtime.keep_freed_memory()
+    model = _quick_model("cddpm")
+    if task == "train":
+        opt = model.configure_optimizers(1e-4)
+        x = torch.rand(int(profile_params("training", "quick")["batch_size"]), 1, SIZE, SIZE)
+        data = {"image": x, "mask": (x > 0).float()}
+        model.train()
+
+        def call():
+            model.training_step(data, opt, 0)
+    else:
+        volume = torch.rand(32, 1, SIZE, SIZE)
+        model.eval()
+
+        def call():
+            model.reconstruct(volume, t_test=[250, 500, 750], max_batch=16)
+    call()
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
+    out.put((statistics.median(times), faults, proc_status_bytes("VmHWM") / 2 ** 20))
+
+
+def allocator_rows(rounds: int, repeats: int) -> list[str]:
+    """Rows of part 3: per task, the default and the kept set-up, ``rounds`` fresh processes each (alternating)."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for task, label in (("train", "cDDPM training step (batch 8)"), ("recon", "cDDPM ENS reconstruction, 1 volume")):
+        res: dict[bool, list] = {False: [], True: []}
+        for r in range(rounds):
+            for keep in ((False, True) if r % 2 == 0 else (True, False)):
+                out = ctx.Queue()
+                proc = ctx.Process(target=_allocator_worker, args=(task, keep, repeats, out))
+                proc.start()
+                res[keep].append(out.get())
+                proc.join()
+        med = {k: [statistics.median(col) for col in zip(*v)] for k, v in res.items()}
+        (t0, f0, m0), (t1, f1, m1) = med[False], med[True]
+        print(f"allocator {task}: default {t0:.3f} s, {f0:.0f} faults, {m0:.0f} MiB; kept {t1:.3f} s, {f1:.0f} "
+              f"faults, {m1:.0f} MiB", flush=True)
+        rows.append(f"| {label} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f} | {f0:.0f} / {f1:.0f} | {m0:.0f} / {m1:.0f} |")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="training steps per process and repeat")
@@ -97,6 +160,7 @@ def main(argv=None) -> int:
     r_one, r_side = statistics.median(one), statistics.median(side)
 
     batches = [int(b) for b in args.batches.split(",") if b]
+    runtime.keep_freed_memory()  # as reconstruct_volume
     recon = {}
     for name in ("ddpm", "pddpm"):
         for threads in sorted({1, cores}):
@@ -121,6 +185,13 @@ def main(argv=None) -> int:
         for threads in sorted({1, cores}):
             lines.append(f"| {name} | {threads} | " + " | ".join(f"{recon[name, threads, b]:.2f}" for b in batches)
                          + " |")
+    lines += ["", "Allocator: glibc's default against freed memory kept in the process"
+              " (`runtime.keep_freed_memory`, on in `engine.fit` and `reconstruct_volume`), one thread, quick size;"
+              f" medians over {args.repeats} fresh processes per set-up (alternating), {args.repeats} timed calls"
+              " each:", "",
+              "| task | default s | kept s | speed-up | minor page faults per call, default / kept "
+              "| peak resident MiB, default / kept |", "|---|---|---|---|---|---|",
+              *allocator_rows(args.repeats, args.repeats)]
     write_section(RESULTS, lines)
     return 0
 

@@ -9,13 +9,21 @@
    (t_test = 500 and the ensemble [250, 500, 750]) and pDDPM (2 × 2 patches) at the quick-profile width; the
    paper reports cDDPM ≈ 37 % below pDDPM and ≈ 2 % above DDPM.
 3. **Profiles**: training-step time of the smoke (32 px) and quick (64 px) model settings of
-   ``cddpm_lib/profiles/training.yaml``.
+   ``cddpm_lib/profiles/training.yaml`` (and of the paper's, 96 px and batch 32, on a GPU or with
+   ``--paper-profile``), through :func:`cddpm_lib.engine.optimisation_step` as training runs it.
+
+Every step is timed on a ``--device`` (``cpu``, ``cuda``) with ``--amp`` (``none``, ``bf16``, ``fp16`` with loss
+scaling) and ``--channels-last``; the default (CPU, float32) writes ``results/unet.md``, any other target a section
+of its own (``results/unet_cuda_bf16_cl.md`` ...). Peak memory per process: resident set size on the CPU (the
+interpreter and libraries included), ``torch.cuda.max_memory_allocated`` on a GPU.
 
     .venv/bin/python -m benchmarks.bench_unet [--repeats 5] [--threads N] [--skip-paper]
+    .venv/bin/python -m benchmarks.bench_unet --device cuda --amp bf16 --channels-last      # = make bench-gpu
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import os
 import statistics
@@ -27,21 +35,89 @@ from unittest import mock
 import torch
 import yaml
 
-from benchmarks import write_section
+from benchmarks import proc_status_bytes, write_section
+from cddpm_lib import engine, stats
 from cddpm_lib.models import build_model
 from cddpm_lib.unet import UNet
 
-RESULTS = Path(__file__).resolve().parent / "results" / "unet.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = Path(__file__).resolve().parents[1] / "cddpm_lib" / "profiles" / "training.yaml"
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time over ``repeats`` calls after one warm-up call."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where and how a step runs: ``device``, mixed precision ``amp`` and the channels-last memory format."""
+
+    device: str = "cpu"
+    amp: str = "none"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise SystemExit(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {self.device}: this machine has no CUDA device")
+
+    @property
+    def dev(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def gpu(self) -> bool:
+        return self.dev.type == "cuda"
+
+    @property
+    def fmt(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def slug(self) -> str:
+        """Result file stem: ``unet`` for CPU float32, else ``unet_<device>[_<amp>][_cl]``."""
+        if self == Target():
+            return "unet"
+        parts = [self.dev.type] + ([self.amp] if self.amp != "none" else []) + (["cl"] if self.channels_last else [])
+        return "unet_" + "_".join(parts)
+
+    @property
+    def label(self) -> str:
+        name = torch.cuda.get_device_name(self.dev) if self.gpu else "CPU"
+        return ", ".join([name, "float32" if self.amp == "none" else f"AMP {self.amp}"]
+                         + (["channels-last"] if self.channels_last else []))
+
+    def sync(self) -> None:
+        if self.gpu:
+            torch.cuda.synchronize(self.dev)
+
+    def reset_peak(self) -> int:
+        """Start a peak-memory window; returns the bytes in use now (the baseline the peak is counted from)."""
+        if self.gpu:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            return 0  # CUDA's peak counts every live tensor: parameters, gradients, optimiser state, activations
+        try:  # Linux: "5" resets the resident-set high-water mark (VmHWM) of the process
+            Path("/proc/self/clear_refs").write_text("5")
+            return proc_status_bytes("VmRSS")
+        except OSError:
+            return -1
+
+    def peak_memory(self, baseline: int) -> float:
+        """Bytes: CUDA's peak allocation in the window, or the growth of the resident set above ``baseline``
+        (NaN where /proc cannot tell)."""
+        if self.gpu:
+            return float(torch.cuda.max_memory_allocated(self.dev))
+        if baseline < 0:
+            return float("nan")
+        return float(proc_status_bytes("VmHWM") - baseline)
+
+
+def timed(fn, repeats: int, target: Target = Target()) -> float:
+    """Median wall time over ``repeats`` calls after one warm-up call (synchronised on a GPU)."""
     fn()
+    target.sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        target.sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -67,29 +143,48 @@ def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.
     return monai_unet(ch, mult, blocks, heads=4)
 
 
-def _step_worker(which: str, config: tuple, steps: int, threads: int, out) -> None:
-    """In a fresh process: ``steps`` timed training steps (forward + L1 + backward + Adam) after one warm-up;
-    puts ``(parameter count, wall seconds list, CPU seconds list)``."""
+#: warm-up steps before timing (a GPU also picks its convolution algorithms there)
+WARMUP = {False: 1, True: 3}
+
+
+def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Target, out) -> None:
+    """In a fresh process: ``steps`` timed training steps (forward + L1 + backward + Adam; float16 with loss
+    scaling) after the warm-up; puts ``(parameter count, wall seconds list, CPU seconds list, peak bytes)``
+    (peak over the warm-up and timed steps, see :meth:`Target.peak_memory`)."""
     torch.set_num_threads(threads)
     ch, mult, blocks, size, batch = config
-    net = build_net(which, ch, mult, blocks)
-    x = torch.rand(batch, 1, size, size)
-    t = torch.randint(1, 1001, (batch,))
+    dev = target.dev
+    net = build_net(which, ch, mult, blocks).to(dev, memory_format=target.fmt)
+    x = torch.rand(batch, 1, size, size, device=dev).contiguous(memory_format=target.fmt)
+    t = torch.randint(1, 1001, (batch,), device=dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(dev.type) if target.amp == "fp16" else None
 
     def step():
         opt.zero_grad(set_to_none=True)
-        (net(x, t) - x).abs().mean().backward()
-        opt.step()
+        with engine.autocast(target.amp, dev):
+            loss = (net(x, t).float() - x).abs().mean()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
-    step()
+    target.sync()
+    baseline = target.reset_peak()
+    for _ in range(WARMUP[target.gpu]):
+        step()
+    target.sync()
     wall, cpu = [], []
     for _ in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         step()
+        target.sync()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    out.put((n_params(net), wall, cpu))
+    out.put((n_params(net), wall, cpu, target.peak_memory(baseline)))
 
 
 #: glibc malloc settings that keep freed memory in the process (no mmap per large tensor, no trimming): every step
@@ -97,51 +192,87 @@ def _step_worker(which: str, config: tuple, steps: int, threads: int, out) -> No
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
 
 
-def step_times(config: tuple, rounds: int, steps: int, threads: int,
-               env: dict[str, str] | None = None) -> dict[str, tuple[int, float, float, float, float]]:
-    """``{"kit"|"monai": (parameters, median wall s, median CPU s, lowest and highest per-process median wall s)}``:
-    each network in a process of its own (no shared allocator or cache state), the two alternating for ``rounds``
-    rounds of ``steps`` steps."""
+@dataclasses.dataclass
+class StepTimes:
+    """One network's timings over its processes."""
+
+    params: int = 0
+    wall: list[float] = dataclasses.field(default_factory=list)  # every timed step
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    process_medians: list[float] = dataclasses.field(default_factory=list)  # one per process
+    peaks: list[float] = dataclasses.field(default_factory=list)  # bytes, one per process
+
+
+def step_times(config: tuple, rounds: int, steps: int, threads: int, env: dict[str, str] | None = None,
+               target: Target = Target()) -> dict[str, StepTimes]:
+    """``{"kit"|"monai": StepTimes}``: each network in a process of its own (no shared allocator or cache state),
+    the two alternating (order swapped every round) for ``rounds`` rounds of ``steps`` steps."""
     ctx = mp.get_context("spawn")
-    samples: dict[str, list] = {"kit": [0, [], [], []], "monai": [0, [], [], []]}
+    res = {"kit": StepTimes(), "monai": StepTimes()}
     for r in range(rounds):
         for which in (("kit", "monai") if r % 2 == 0 else ("monai", "kit")):
             out = ctx.Queue()
-            proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, out))
+            proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, target, out))
             with mock.patch.dict(os.environ, env or {}):  # read by the child's C library at start-up
                 proc.start()
-            n, wall, cpu = out.get()
+            n, wall, cpu, peak = out.get()
             proc.join()
-            samples[which][0] = n
-            samples[which][1] += wall
-            samples[which][2] += cpu
-            samples[which][3].append(statistics.median(wall))
-    return {k: (v[0], statistics.median(v[1]), statistics.median(v[2]), min(v[3]), max(v[3]))
-            for k, v in samples.items()}
+            s = res[which]
+            s.params = n
+            s.wall += wall
+            s.cpu += cpu
+            s.process_medians.append(statistics.median(wall))
+            s.peaks.append(peak)
+    return res
 
 
-def unet_rows(repeats: int, skip_paper: bool, threads: int) -> list[str]:
-    quick, paper = (16, (1, 2, 2), 1, 64, 8), (128, (1, 2, 2), 3, 96, 4)
-    configs = [("quick", quick, None), ("quick, freed memory kept (glibc `MALLOC_*` settings)", quick, KEEP_MEMORY_ENV)]
+def speed_test(kit: StepTimes, ref: StepTimes) -> float:
+    """Two-sided p-value of the permutation test (:func:`cddpm_lib.stats.permutation_test`, exact) that the
+    per-process median step times of the two networks have equal means."""
+    return stats.permutation_test(ref.process_medians, kit.process_medians, alternative="two-sided",
+                                  method="exact")
+
+
+def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, dict | None]]:
+    """``(label, (channels, mult, blocks, size, batch), environment)`` rows: the quick width and the paper width
+    (paper §4.4: batch 32 on a GPU; 4 on a CPU to keep the run short)."""
+    quick = (16, (1, 2, 2), 1, 64, 8)
+    paper = (128, (1, 2, 2), 3, 96, 32 if target.gpu else 4)
+    configs = [("quick", quick, None)]
+    if not target.gpu:
+        configs.append(("quick, freed memory kept (glibc `MALLOC_*` settings)", quick, KEEP_MEMORY_ENV))
     if not skip_paper:
         configs.append(("paper", paper, None))
+    return configs
+
+
+def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target()) -> list[str]:
     rows = []
-    for label, config, env in configs:
-        rounds, steps = (repeats, 5) if config is quick else (max(2, repeats // 2), 2)
-        res = step_times(config, rounds, steps, threads, env)
-        (n_kit, w_kit, c_kit, lo_kit, hi_kit), (n_ref, w_ref, c_ref, lo_ref, hi_ref) = res["kit"], res["monai"]
+    for label, config, env in unet_configs(target, skip_paper):
+        small = config[0] < 64
+        rounds, steps = (repeats, 5) if small or target.gpu else (max(2, repeats // 2), 2)
+        if target.gpu:
+            steps = 20
+        res = step_times(config, rounds, steps, threads, env, target)
+        kit, ref = res["kit"], res["monai"]
+        w_kit, w_ref = statistics.median(kit.wall), statistics.median(ref.wall)
+        c_kit, c_ref = statistics.median(kit.cpu), statistics.median(ref.cpu)
+        p = speed_test(kit, ref)
         ch, mult, blocks, size, batch = config
-        print(f"{label}: kit {w_kit:.3f} s ({c_kit:.3f} CPU), MONAI {w_ref:.3f} s ({c_ref:.3f} CPU)", flush=True)
+        print(f"{label}: kit {w_kit:.4f} s ({c_kit:.4f} CPU), MONAI {w_ref:.4f} s ({c_ref:.4f} CPU), p = {p:.3f}",
+              flush=True)
         rows.append(f"| {label}: {ch}·{mult}, {blocks} res block(s), {size} px, batch {batch} | "
-                    f"{n_kit / 1e6:.2f} M / {n_ref / 1e6:.2f} M | {w_kit:.3f} | {w_ref:.3f} | "
+                    f"{kit.params / 1e6:.2f} M / {ref.params / 1e6:.2f} M | {w_kit:.4f} | {w_ref:.4f} | "
                     f"{w_ref / w_kit:.2f} | {c_ref / c_kit:.2f} | {rounds} × {steps} | "
-                    f"{lo_kit:.3f}–{hi_kit:.3f} / {lo_ref:.3f}–{hi_ref:.3f} |")
+                    f"{min(kit.process_medians):.4f}–{max(kit.process_medians):.4f} / "
+                    f"{min(ref.process_medians):.4f}–{max(ref.process_medians):.4f} | {p:.2f} | "
+                    f"{max(kit.peaks) / 2 ** 20:.0f} / {max(ref.peaks) / 2 ** 20:.0f} |")
     return rows
 
 
-def inference_rows(repeats: int) -> tuple[list[str], dict[str, float]]:
+def inference_rows(repeats: int, target: Target = Target()) -> tuple[list[str], dict[str, float]]:
     quick = yaml.safe_load(PROFILES.read_text())["quick"]["model_hparams"]
-    volume = torch.rand(50, 1, 96, 96)
+    volume = torch.rand(50, 1, 96, 96, device=target.dev).contiguous(memory_format=target.fmt)
     cases = [("DDPM, t = 500", "ddpm", 500), ("DDPM, ENS", "ddpm", [250, 500, 750]),
              ("cDDPM, t = 500", "cddpm", 500), ("cDDPM, ENS", "cddpm", [250, 500, 750]),
              ("pDDPM, t = 500", "pddpm", 500), ("pDDPM, ENS", "pddpm", [250, 500, 750])]
@@ -149,31 +280,40 @@ def inference_rows(repeats: int) -> tuple[list[str], dict[str, float]]:
     for label, name, t_test in cases:
         torch.manual_seed(0)
         model = build_model(name, image_size=(96, 96), **quick[name]).eval()
-        s = timed(lambda: model.reconstruct(volume, t_test=t_test, max_batch=64), repeats)
+        model.to(target.dev, memory_format=target.fmt)
+
+        def run():
+            with engine.autocast(target.amp, target.dev):
+                model.reconstruct(volume, t_test=t_test, max_batch=64)
+
+        s = timed(run, repeats, target)
         seconds[label] = s
-        print(f"{label}: {s:.2f} s per volume", flush=True)
-        rows.append(f"| {label} | {s:.2f} |")
+        print(f"{label}: {s:.3f} s per volume", flush=True)
+        rows.append(f"| {label} | {s:.3f} |")
     return rows, seconds
 
 
-def profile_rows(repeats: int) -> list[str]:
+def profile_rows(repeats: int, target: Target = Target(), paper: bool = False) -> list[str]:
+    """Training-step time of each profile's diffusion models through :func:`engine.optimisation_step`."""
     profiles = yaml.safe_load(PROFILES.read_text())
+    sizes = [("smoke", 32), ("quick", 64)] + ([("paper", 96)] if paper else [])
     rows = []
-    for profile, size in (("smoke", 32), ("quick", 64)):
-        cfg = profiles[profile]
-        batch = int(cfg["batch_size"])
+    for profile, size in sizes:
+        cfg = {**dataclasses.asdict(engine.LoopConfig()), **profiles[profile]}
+        batch, steps = int(cfg["batch_size"]), int(cfg["max_steps"])
         for name in ("ddpm", "cddpm", "pddpm"):
-            hp = cfg["model_hparams"][name]
+            hp = (cfg.get("model_hparams") or {}).get(name, {})
             torch.manual_seed(0)
-            model = build_model(name, image_size=(size, size), **hp)
-            opt = model.configure_optimizers(1e-3)
-            x = torch.rand(batch, 1, size, size)
+            model = build_model(name, image_size=(size, size), **hp).to(target.dev, memory_format=target.fmt)
+            opts = model.configure_optimizers(1e-4)
+            scaler = torch.amp.GradScaler(target.dev.type) if target.amp == "fp16" else None
+            x = torch.rand(batch, 1, size, size, device=target.dev).contiguous(memory_format=target.fmt)
             data = {"image": x, "mask": torch.ones_like(x)}
-            s = timed(lambda: model.training_step(data, opt, 0), repeats)
-            steps = cfg.get("max_steps")
-            print(f"{profile} {name}: {s:.3f} s per step", flush=True)
-            rows.append(f"| {profile} | {name} | `{hp}` | {size} px, batch {batch} | {s:.3f} | "
-                        f"{steps} steps ≈ {s * steps:.0f} s |")
+            s = timed(lambda: engine.optimisation_step(model, data, opts, 0, amp=target.amp, device=target.dev,
+                                                       scaler=scaler), repeats, target)
+            print(f"{profile} {name}: {s:.4f} s per step", flush=True)
+            rows.append(f"| {profile} | {name} | `{hp}` | {size} px, batch {batch} | {s:.4f} | "
+                        f"{steps} steps ≈ {s * steps / 60:.1f} min |")
     return rows
 
 
@@ -182,32 +322,51 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-paper", action="store_true", help="skip the paper-width U-Net (slow on CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--amp", default="none", help="mixed precision: none, bf16, fp16 (with loss scaling)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    ap.add_argument("--paper-profile", action="store_true",
+                    help="also time the paper profile's models (96 px, batch 32; on by default on a GPU)")
     args = ap.parse_args(argv)
+    target = Target(args.device, args.amp, args.channels_last)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads())
-    infer, sec = inference_rows(max(1, args.repeats // 2))
-    prof = profile_rows(args.repeats)
+    unet = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads(), target)
+    infer, sec = inference_rows(max(1, args.repeats // 2), target)
+    prof = profile_rows(args.repeats, target, paper=args.paper_profile or target.gpu)
     ratio_p = 100 * (1 - sec["cDDPM, ENS"] / sec["pDDPM, ENS"])
     ratio_d = 100 * (sec["cDDPM, ENS"] / sec["DDPM, ENS"] - 1)
-    cmd = (f"`python -m benchmarks.bench_unet --repeats {args.repeats}"
-           f"{f' --threads {args.threads}' if args.threads else ''}{' --skip-paper' if args.skip_paper else ''}`")
+    flags = (f"{f' --threads {args.threads}' if args.threads else ''}{' --skip-paper' if args.skip_paper else ''}"
+             f"{f' --device {args.device}' if args.device != 'cpu' else ''}"
+             f"{f' --amp {args.amp}' if args.amp != 'none' else ''}{' --channels-last' if args.channels_last else ''}"
+             f"{' --paper-profile' if args.paper_profile else ''}")
+    cmd = f"`python -m benchmarks.bench_unet --repeats {args.repeats}{flags}`"
+    threads = "" if target.gpu else f"{torch.get_num_threads()} torch thread(s), "
+    memory = ("peak CUDA memory allocated over the warm-up and timed steps (parameters, gradients, Adam state,"
+              " activations)" if target.gpu else "growth of the process's peak resident set over the warm-up and"
+              " timed steps above what it held with the network and batch built (gradients, Adam state,"
+              " activations, workspace; Linux `/proc`)")
     lines = [
-        "## Denoising U-Net and inference",
+        "## Denoising U-Net and inference" + ("" if target == Target() else f" ({target.label})"),
         "",
-        f"{cmd} — {torch.get_num_threads()} torch thread(s), CPU. Median wall times (CPU times where stated).",
+        f"{cmd} — {threads}{target.label}. Median wall times (CPU times where stated).",
         "",
         "Training step (forward + L1 + backward + Adam) of the kit's ADM U-Net and MONAI's `DiffusionModelUNet`"
         " at equal widths, residual blocks, residual up/down-sampling, middle-block attention. Each network runs in a"
         " fresh process of its own, kit and MONAI alternating (order swapped every round); medians over all timed"
-        " steps. The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding. At the quick width"
-        " part of a step is page faults of freshly mapped tensors, which differ between the two networks' allocation"
-        " patterns; the second quick row keeps freed memory in the process (`MALLOC_MMAP_THRESHOLD_`,"
-        " `MALLOC_TRIM_THRESHOLD_`) so that only the computation is compared:",
+        " steps. The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding. *p*: exact two-sided"
+        " permutation test of the per-process medians (equal speed; with 2 processes each it cannot fall below"
+        f" 0.33). Memory: {memory}.",
+        *([] if target.gpu else [
+            "At the quick width part of a step is page faults of freshly mapped tensors, which differ between the two"
+            " networks' allocation patterns; the second quick row keeps freed memory in the process"
+            " (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) so that only the computation is compared."
+            " The same benchmark on a GPU (AMP bf16, channels-last, and the paper profile's models at batch 32):"
+            " `make bench-gpu`, which writes a section of its own."]),
         "",
         "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit (wall) | MONAI / kit (CPU) "
-        "| processes × steps each | per-process medians kit / MONAI |",
-        "|---|---|---|---|---|---|---|---|",
+        "| processes × steps each | per-process medians kit / MONAI | *p* | peak MiB kit / MONAI |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *unet,
         "",
         "Inference: seconds per 96 × 96 × 50 volume (50 slices, `max_batch=64`) at the quick-profile widths:",
@@ -227,7 +386,7 @@ def main(argv=None) -> int:
         *prof,
         "",
     ]
-    write_section(RESULTS, lines)
+    write_section(RESULTS / f"{target.slug}.md", lines)
     return 0
 
 

@@ -18,8 +18,14 @@ RESULTS = HERE / "results"
 ORDER = ("preprocessing", "noise", "unet", "training", "cpu", "metrics")
 
 
+def _rank(section: Path) -> tuple[int, str]:
+    """Order of a result section: by topic (``unet_cuda_bf16_cl`` right after ``unet``), unknown topics last."""
+    topic = section.stem.split("_")[0]
+    return (ORDER.index(topic) if topic in ORDER else len(ORDER), section.stem)
+
+
 def assemble() -> Path:
-    sections = sorted(RESULTS.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    sections = sorted(RESULTS.glob("*.md"), key=_rank)
     head = [
         "# Benchmarks",
         "",
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--assemble", action="store_true", help="only rebuild BENCHMARKS.md")
     args = ap.parse_args(argv)
     if not args.assemble:
-        for bench in sorted(HERE.glob("bench_*.py")):
+        for bench in sorted(HERE.glob("bench_*.py")):  # CPU; GPU sections: make bench-gpu
             print(f"== {bench.stem}", flush=True)
             subprocess.run([sys.executable, "-m", f"benchmarks.{bench.stem}"], cwd=HERE.parent, check=True)
     print(assemble())

@@ -12,6 +12,7 @@ settings than :data:`RUNTIME_FIELDS` start a new run) and ends with the same wei
 and at every checkpoint all RNGs are reseeded from ``(seed, step, rank)``. Validation runs on a private RNG with
 a fixed seed (the same diffusion time steps and noise every time, so losses of different steps compare).
 
+On a CPU, ``fit`` first lets glibc keep freed memory in the process (:func:`cddpm_lib.runtime.keep_freed_memory`).
 Mixed precision (``amp="bf16"``, or ``"fp16"`` with loss scaling) and channels-last apply on CUDA only. Data
 parallel on the GPUs of one machine::
 
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from . import data, paths
 from .config import ConfigError, StageConfig
 from .models import UADModel
-from .runtime import default_device, seed_everything
+from .runtime import default_device, keep_freed_memory, seed_everything
 from .volumes import save_dataframe, save_json, save_torch
 
 #: config fields that may change between a run and its resumption (they do not change the weights' trajectory)
@@ -211,17 +212,29 @@ def _effective_amp(amp: str, device: torch.device, log) -> str:
     return amp
 
 
-def _autocast(amp: str, device: torch.device):
+def autocast(amp: str, device: torch.device):
+    """The mixed-precision context of ``amp`` (``none``: float32, no context) on ``device``."""
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _scaled_step(model: UADModel, batch, optimizers, grad_clip, scaler, autocast) -> dict[str, float]:
+def optimisation_step(model: UADModel, batch: dict, optimizers, step: int, *, amp: str = "none",
+                      device: torch.device = torch.device("cpu"), grad_clip: float | None = None,
+                      scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One training step as :func:`fit` runs it: ``model.training_step`` under :func:`autocast`, or, with a
+    ``scaler`` (``amp="fp16"``), the default step on ``model.loss`` with float16 loss scaling."""
+    if scaler is not None:
+        return _scaled_step(model, batch, optimizers, grad_clip, scaler, autocast(amp, device))
+    with autocast(amp, device):
+        return model.training_step(batch, optimizers, step, grad_clip)
+
+
+def _scaled_step(model: UADModel, batch, optimizers, grad_clip, scaler, context) -> dict[str, float]:
     """The default ``training_step`` (one Adam step on ``loss``) with float16 loss scaling."""
     (opt,) = optimizers
     opt.zero_grad(set_to_none=True)
-    with autocast:
+    with context:
         loss = model.loss(batch)
     scaler.scale(loss).backward()
     if grad_clip:
@@ -248,7 +261,7 @@ def validate(model: UADModel, loader, *, seed: int, device: torch.device, amp: s
             if i % ctx.world != ctx.rank:
                 continue
             batch = _to_device(batch, device, channels_last)
-            with _autocast(amp, device):
+            with autocast(amp, device):
                 loss = model.validation_loss(batch)
             total += torch.tensor([loss * len(batch["image"]), len(batch["image"])], dtype=torch.float64)
     if ctx.world > 1:
@@ -301,6 +314,8 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
         device = torch.device("cuda", ctx.local_rank)
     amp = _effective_amp(cfg.amp, device, log)
     cl = cfg.channels_last and device.type == "cuda"
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for the buffers every step frees and allocates again
     slab = int(model.slab_length)
     record = {**cfg.to_dict(), "world_size": ctx.world}
     model.to(device)
@@ -338,11 +353,8 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
             batch = _to_device(batch, device, cl)
             if ctx.world > 1:
                 _broadcast(model.buffers())
-            if scaler is not None:
-                logs = _scaled_step(model, batch, optimizers, cfg.grad_clip, scaler, _autocast(amp, device))
-            else:
-                with _autocast(amp, device):
-                    logs = model.training_step(batch, optimizers, step, cfg.grad_clip)
+            logs = optimisation_step(model, batch, optimizers, step, amp=amp, device=device, grad_clip=cfg.grad_clip,
+                                     scaler=scaler)
             step += 1
             seen += len(batch["image"]) * ctx.world
             for k, v in logs.items():

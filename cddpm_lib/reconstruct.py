@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from . import paths
+from .runtime import keep_freed_memory
 from .models.base import UADModel
 from .volumes import VolumeError, load_nifti, load_npz, save_npz, slices_to_volume, volume_to_slices
 
@@ -114,7 +115,7 @@ def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarra
     CPU generator seeded with ``seed``; other models see chunks of at most ``max_batch`` slices, or the whole
     volume when ``model.needs_whole_volume`` (SVAE, Thresh with equalisation).
     Returns ``(recon, anomaly)``, both float32 ``[X, Y, Z]``; ``anomaly = |x − x̂|`` unless the model overrides
-    ``anomaly_map``.
+    ``anomaly_map``. On a CPU it first calls :func:`cddpm_lib.runtime.keep_freed_memory`.
     """
     image = np.asarray(image, dtype=np.float32)
     brain_mask = np.asarray(brain_mask)
@@ -128,6 +129,8 @@ def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarra
             raise TypeError(f"reconstruct_volume: model {model.name!r} does not take {name!r} at test time; "
                             f"use variant 'default' for it")
     dev = _model_device(model, device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # every chunk frees and reallocates the same buffers
     x = torch.from_numpy(volume_to_slices(image))[:, None].to(dev)                    # [Z, 1, X, Y]
     m = torch.from_numpy(volume_to_slices((brain_mask > 0).astype(np.float32)))[:, None].to(dev)
     kwargs = dict(recon_kwargs)

@@ -1,0 +1,71 @@
+"""runtime: device choice, seeding and the CPU allocator setting (each allocator check in a fresh process)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cddpm_lib import runtime
+
+GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+
+#: training steps of a small U-Net in a fresh process; prints the setting's result, the minor page faults per step
+#: and the process's own peak resident set in MiB (``VmHWM``; ``ru_maxrss`` would carry pytest's over the fork)
+_CHILD = """
+import resource, sys, torch
+from cddpm_lib import runtime
+from cddpm_lib.unet import UNet
+torch.set_num_threads(1)
+kept = runtime.keep_freed_memory() if sys.argv[1] == "keep" else None
+torch.manual_seed(0)
+net = UNet(model_channels=8, channel_mult=(1, 2), num_res_blocks=1)
+x, t = torch.rand(8, 1, 64, 64), torch.randint(1, 1000, (8,))
+def step():
+    net.zero_grad(set_to_none=True)
+    (net(x, t) - x).abs().mean().backward()
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # kB, own peak
+print(kept, faults, peak // 1024)
+"""
+
+
+def _child(mode: str, **env: str) -> tuple[str, int, int]:
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    return out[0], int(out[1]), int(out[2])
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting acts on glibc's malloc only")
+def test_keep_freed_memory_stops_page_faults_at_the_same_peak_memory():
+    """Each step frees and reallocates the same activation buffers: by default glibc returns them to the system
+    and faults them in again; kept, a step reuses them, and the process peaks no higher."""
+    kept, faults_kept, peak_kept = _child("keep")
+    _, faults_default, peak_default = _child("default")
+    assert kept == "True"
+    assert faults_default > 2000
+    assert faults_kept * 5 < faults_default
+    assert peak_kept <= 1.15 * peak_default
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting acts on glibc's malloc only")
+def test_keep_freed_memory_can_be_switched_off():
+    kept, faults, _ = _child("keep", **{runtime.KEEP_HEAP_ENV: "0"})
+    assert kept == "False"
+    assert faults > 2000
+
+
+def test_default_device_and_seeding():
+    assert runtime.default_device("cpu") == torch.device("cpu")
+    assert runtime.default_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime.seed_everything(3)
+    a = torch.rand(4)
+    runtime.seed_everything(3)
+    assert torch.equal(a, torch.rand(4))
