@@ -36,8 +36,8 @@ import pandas as pd
 import torch
 
 from . import paths
-from .runtime import keep_freed_memory
 from .models.base import UADModel
+from .runtime import keep_freed_memory
 from .volumes import VolumeError, load_nifti, load_npz, save_npz, slices_to_volume, volume_to_slices
 
 #: paper §4.4: the ensemble of test-time noise levels ("ENS")
