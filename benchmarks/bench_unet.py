@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import yaml
@@ -147,11 +145,14 @@ def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.
 WARMUP = {False: 1, True: 3}
 
 
-def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Target, out) -> None:
+def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Target, keep: bool, out) -> None:
     """In a fresh process: ``steps`` timed training steps (forward + L1 + backward + Adam; float16 with loss
     scaling) after the warm-up; puts ``(parameter count, wall seconds list, CPU seconds list, peak bytes)``
-    (peak over the warm-up and timed steps, see :meth:`Target.peak_memory`)."""
+    (peak over the warm-up and timed steps, see :meth:`Target.peak_memory`). ``keep``: freed memory stays in the
+    process (:func:`cddpm_lib.runtime.keep_freed_memory`, as the kit's own training runs)."""
     torch.set_num_threads(threads)
+    if keep:
+        runtime.keep_freed_memory()
     ch, mult, blocks, size, batch = config
     dev = target.dev
     net = build_net(which, ch, mult, blocks).to(dev, memory_format=target.fmt)
@@ -187,11 +188,6 @@ def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Ta
     out.put((n_params(net), wall, cpu, target.peak_memory(baseline)))
 
 
-#: glibc malloc settings that keep freed memory in the process (no mmap per large tensor, no trimming): every step
-#: then reuses pages instead of faulting fresh ones in, which takes the allocator out of the comparison
-KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
-
-
 @dataclasses.dataclass
 class StepTimes:
     """One network's timings over its processes."""
@@ -203,7 +199,7 @@ class StepTimes:
     peaks: list[float] = dataclasses.field(default_factory=list)  # bytes, one per process
 
 
-def step_times(config: tuple, rounds: int, steps: int, threads: int, env: dict[str, str] | None = None,
+def step_times(config: tuple, rounds: int, steps: int, threads: int, keep: bool = False,
                target: Target = Target()) -> dict[str, StepTimes]:
     """``{"kit"|"monai": StepTimes}``: each network in a process of its own (no shared allocator or cache state),
     the two alternating (order swapped every round) for ``rounds`` rounds of ``steps`` steps."""
@@ -212,9 +208,8 @@ def step_times(config: tuple, rounds: int, steps: int, threads: int, env: dict[s
     for r in range(rounds):
         for which in (("kit", "monai") if r % 2 == 0 else ("monai", "kit")):
             out = ctx.Queue()
-            proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, target, out))
-            with mock.patch.dict(os.environ, env or {}):  # read by the child's C library at start-up
-                proc.start()
+            proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, target, keep, out))
+            proc.start()
             n, wall, cpu, peak = out.get()
             proc.join()
             s = res[which]
@@ -233,27 +228,27 @@ def speed_test(kit: StepTimes, ref: StepTimes) -> float:
                                   method="exact")
 
 
-def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, dict | None]]:
-    """``(label, (channels, mult, blocks, size, batch), environment)`` rows: the quick width and the paper width
-    (paper §4.4: batch 32 on a GPU; 4 on a CPU to keep the run short)."""
+def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, bool]]:
+    """``(label, (channels, mult, blocks, size, batch), keep freed memory)`` rows: the quick width and the paper
+    width (paper §4.4: batch 32 on a GPU; 4 on a CPU to keep the run short)."""
     quick = (16, (1, 2, 2), 1, 64, 8)
     paper = (128, (1, 2, 2), 3, 96, 32 if target.gpu else 4)
-    configs = [("quick", quick, None)]
+    configs = [("quick", quick, False)]
     if not target.gpu:
-        configs.append(("quick, freed memory kept (glibc `MALLOC_*` settings)", quick, KEEP_MEMORY_ENV))
+        configs.append(("quick, freed memory kept in both (`runtime.keep_freed_memory`)", quick, True))
     if not skip_paper:
-        configs.append(("paper", paper, None))
+        configs.append(("paper", paper, False))
     return configs
 
 
 def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target()) -> list[str]:
     rows = []
-    for label, config, env in unet_configs(target, skip_paper):
+    for label, config, keep in unet_configs(target, skip_paper):
         small = config[0] < 64
         rounds, steps = (repeats, 5) if small or target.gpu else (max(2, repeats // 2), 2)
         if target.gpu:
             steps = 20
-        res = step_times(config, rounds, steps, threads, env, target)
+        res = step_times(config, rounds, steps, threads, keep, target)
         kit, ref = res["kit"], res["monai"]
         w_kit, w_ref = statistics.median(kit.wall), statistics.median(ref.wall)
         c_kit, c_ref = statistics.median(kit.cpu), statistics.median(ref.cpu)
@@ -361,10 +356,10 @@ def main(argv=None) -> int:
         " permutation test of the per-process medians (equal speed; with 2 processes each it cannot fall below"
         f" 0.33). Memory: {memory}.",
         *([] if target.gpu else [
-            "At the quick width part of a step is page faults of freshly mapped tensors, which differ between the two"
-            " networks' allocation patterns; the second quick row keeps freed memory in the process"
-            " (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) so that only the computation is compared;"
-            " the kit's own training and reconstruction run that way (`runtime.keep_freed_memory`)."
+            "Under glibc's default allocator part of a step at the quick width is page faults of freed and reallocated"
+            " buffers, which differ between the two networks' allocation patterns; in the second quick row both"
+            " processes keep freed memory (`runtime.keep_freed_memory`, as the kit's own training and reconstruction"
+            " run) so that only the computation is compared."
             " The same benchmark on a GPU (AMP bf16, channels-last, and the paper profile's models at batch 32):"
             " `make bench-gpu`, which writes a section of its own."]),
         "",
