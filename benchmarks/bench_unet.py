@@ -135,9 +135,12 @@ def monai_unet(channels: int, mult: tuple[int, ...], blocks: int, heads: int) ->
 
 
 def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.nn.Module:
+    """``kit`` (scale-shift FiLM, the paper's conditioning), ``kit-add`` (the kit's U-Net adding the embedding to
+    the features, MONAI's mode) or ``monai``."""
     torch.manual_seed(0)
-    if which == "kit":
-        return UNet(model_channels=ch, channel_mult=mult, num_res_blocks=blocks, num_heads=4)
+    if which in ("kit", "kit-add"):
+        return UNet(model_channels=ch, channel_mult=mult, num_res_blocks=blocks, num_heads=4,
+                    use_scale_shift_norm=which == "kit")
     return monai_unet(ch, mult, blocks, heads=4)
 
 
@@ -200,19 +203,20 @@ class StepTimes:
 
 
 def step_times(config: tuple, rounds: int, steps: int, threads: int, keep: bool = False,
-               target: Target = Target()) -> dict[str, StepTimes]:
-    """``{"kit"|"monai": StepTimes}``: each network in a process of its own (no shared allocator or cache state),
-    the two alternating (order swapped every round) for ``rounds`` rounds of ``steps`` steps."""
+               target: Target = Target(), kit: str = "kit") -> dict[str, StepTimes]:
+    """``{"kit"|"monai": StepTimes}`` (``kit``: which kit variant, see :func:`build_net`): each network in a process
+    of its own (no shared allocator or cache state), the two alternating (order swapped every round) for ``rounds``
+    rounds of ``steps`` steps."""
     ctx = mp.get_context("spawn")
     res = {"kit": StepTimes(), "monai": StepTimes()}
     for r in range(rounds):
-        for which in (("kit", "monai") if r % 2 == 0 else ("monai", "kit")):
+        for which in ((kit, "monai") if r % 2 == 0 else ("monai", kit)):
             out = ctx.Queue()
             proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, target, keep, out))
             proc.start()
             n, wall, cpu, peak = out.get()
             proc.join()
-            s = res[which]
+            s = res["monai" if which == "monai" else "kit"]
             s.params = n
             s.wall += wall
             s.cpu += cpu
@@ -228,27 +232,29 @@ def speed_test(kit: StepTimes, ref: StepTimes) -> float:
                                   method="exact")
 
 
-def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, bool]]:
-    """``(label, (channels, mult, blocks, size, batch), keep freed memory)`` rows: the quick width and the paper
-    width (paper §4.4: batch 32 on a GPU; 4 on a CPU to keep the run short)."""
+def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, bool, str]]:
+    """``(label, (channels, mult, blocks, size, batch), keep freed memory, kit variant)`` rows: the quick width and
+    the paper width (paper §4.4: batch 32 on a GPU; 4 on a CPU to keep the run short)."""
     quick = (16, (1, 2, 2), 1, 64, 8)
     paper = (128, (1, 2, 2), 3, 96, 32 if target.gpu else 4)
-    configs = [("quick", quick, False)]
+    configs = [("quick", quick, False, "kit")]
     if not target.gpu:
-        configs.append(("quick, freed memory kept in both (`runtime.keep_freed_memory`)", quick, True))
+        configs.append(("quick, freed memory kept in both (`runtime.keep_freed_memory`)", quick, True, "kit"))
+        configs.append(("quick, kept, kit adding the embedding like MONAI (`use_scale_shift_norm=False`)", quick,
+                        True, "kit-add"))
     if not skip_paper:
-        configs.append(("paper", paper, False))
+        configs.append(("paper", paper, False, "kit"))
     return configs
 
 
 def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target()) -> list[str]:
     rows = []
-    for label, config, keep in unet_configs(target, skip_paper):
+    for label, config, keep, variant in unet_configs(target, skip_paper):
         small = config[0] < 64
         rounds, steps = (repeats, 5) if small or target.gpu else (max(2, repeats // 2), 2)
         if target.gpu:
             steps = 20
-        res = step_times(config, rounds, steps, threads, keep, target)
+        res = step_times(config, rounds, steps, threads, keep, target, variant)
         kit, ref = res["kit"], res["monai"]
         w_kit, w_ref = statistics.median(kit.wall), statistics.median(ref.wall)
         c_kit, c_ref = statistics.median(kit.cpu), statistics.median(ref.cpu)
@@ -359,7 +365,8 @@ def main(argv=None) -> int:
             "Under glibc's default allocator part of a step at the quick width is page faults of freed and reallocated"
             " buffers, which differ between the two networks' allocation patterns; in the second quick row both"
             " processes keep freed memory (`runtime.keep_freed_memory`, as the kit's own training and reconstruction"
-            " run) so that only the computation is compared."
+            " run) so that only the computation is compared. The third quick row builds the kit's U-Net with MONAI's"
+            " additive embedding instead of the FiLM, so that the two networks do the same work."
             " The same benchmark on a GPU (AMP bf16, channels-last, and the paper profile's models at batch 32):"
             " `make bench-gpu`, which writes a section of its own."]),
         "",
