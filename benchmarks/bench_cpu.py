@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import proc_status_bytes, write_section
+from benchmarks import alternating_processes, proc_status_bytes, write_section
 from cddpm_lib import runtime
 from cddpm_lib.config import profile_params
 from cddpm_lib.models import build_model
@@ -123,17 +123,9 @@ def _allocator_worker(task: str, keep: bool, repeats: int, out) -> None:
 
 def allocator_rows(rounds: int, repeats: int) -> list[str]:
     """Rows of part 3: per task, the default and the kept set-up, ``rounds`` fresh processes each (alternating)."""
-    ctx = mp.get_context("spawn")
     rows = []
     for task, label in (("train", "cDDPM training step (batch 8)"), ("recon", "cDDPM ENS reconstruction, 1 volume")):
-        res: dict[bool, list] = {False: [], True: []}
-        for r in range(rounds):
-            for keep in ((False, True) if r % 2 == 0 else (True, False)):
-                out = ctx.Queue()
-                proc = ctx.Process(target=_allocator_worker, args=(task, keep, repeats, out))
-                proc.start()
-                res[keep].append(out.get())
-                proc.join()
+        res = alternating_processes(_allocator_worker, (False, True), rounds, lambda keep: (task, keep, repeats))
         med = {k: [statistics.median(col) for col in zip(*v)] for k, v in res.items()}
         (t0, f0, m0), (t1, f1, m1) = med[False], med[True]
         print(f"allocator {task}: default {t0:.3f} s, {f0:.0f} faults, {m0:.0f} MiB; kept {t1:.3f} s, {f1:.0f} "

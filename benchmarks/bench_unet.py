@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks import proc_status_bytes, write_section
+from benchmarks import alternating_processes, proc_status_bytes, write_section
 from cddpm_lib import engine, runtime, stats
 from cddpm_lib.models import build_model
 from cddpm_lib.unet import UNet
@@ -207,16 +206,12 @@ def step_times(config: tuple, rounds: int, steps: int, threads: int, keep: bool 
     """``{"kit"|"monai": StepTimes}`` (``kit``: which kit variant, see :func:`build_net`): each network in a process
     of its own (no shared allocator or cache state), the two alternating (order swapped every round) for ``rounds``
     rounds of ``steps`` steps."""
-    ctx = mp.get_context("spawn")
+    runs = alternating_processes(_step_worker, (kit, "monai"), rounds,
+                                 lambda which: (which, config, steps, threads, target, keep))
     res = {"kit": StepTimes(), "monai": StepTimes()}
-    for r in range(rounds):
-        for which in ((kit, "monai") if r % 2 == 0 else ("monai", kit)):
-            out = ctx.Queue()
-            proc = ctx.Process(target=_step_worker, args=(which, config, steps, threads, target, keep, out))
-            proc.start()
-            n, wall, cpu, peak = out.get()
-            proc.join()
-            s = res["monai" if which == "monai" else "kit"]
+    for which, outs in runs.items():
+        s = res["monai" if which == "monai" else "kit"]
+        for n, wall, cpu, peak in outs:
             s.params = n
             s.wall += wall
             s.cpu += cpu
