@@ -60,8 +60,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     try:
         out = score_scan(Path(args.scan), Path(args.checkpoint), Path(args.output), weighting=args.weighting,
-                         threshold=args.threshold, t_test=args.t_test, device=args.device,
-                         skull_stripped=args.skull_stripped, profile=args.profile)
+                         threshold=args.threshold, threshold_dataset=args.threshold_dataset, t_test=args.t_test,
+                         device=args.device, skull_stripped=args.skull_stripped, profile=args.profile)
     except ScoringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weighting", choices=("t1", "t2"), required=True, help="weighting of the scan")
     s.add_argument("--threshold", type=float, default=None,
                    help="residual threshold (default: the one chosen on validation, from the run's results)")
+    s.add_argument("--threshold-dataset", default=None, metavar="DATASET",
+                   help="whose validation threshold to use when the run chose one per data set "
+                        "(T2: BraTS21 or MSLUB; T1: ATLAS or WMH)")
     s.add_argument("--t-test", type=int, nargs="+", default=None, help="diffusion t_test (several = ensemble)")
     s.add_argument("--skull-stripped", action="store_true", help="the scan is already skull-stripped")
     s.add_argument("--profile", choices=paths.PROFILES, default=None,

@@ -11,6 +11,7 @@ and rejects an unknown profile; the pipeline checks the names against the notebo
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Mapping
 import yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+#: a decimal number as text, e.g. "1e-4", which YAML 1.1 leaves a string
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"parameter {name!r}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if annotation is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"parameter {name!r}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -35,6 +35,7 @@ import torchio as tio
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .fingerprint import record_fingerprint, tensors_fingerprint
 from .volumes import VolumeError
 
 #: paper §4.4: augmentation probabilities (torchio transform -> p)
@@ -118,6 +119,11 @@ class SliceCohort:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def fingerprint(self) -> str:
+        """SHA-1 of the subject ids, slice stacks and masks (:mod:`cddpm_lib.fingerprint`): equal for the same
+        data, whatever files they were read from."""
+        return record_fingerprint([self.subject_ids, tensors_fingerprint([*self.images, *self.masks])])
 
     @property
     def n_slices(self) -> int:

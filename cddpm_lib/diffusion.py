@@ -118,7 +118,7 @@ class GaussianDiffusion(nn.Module):
         """
         if generator is None:
             return torch.cat([self.noise_like(x) for _ in ts])
-        base = int(torch.randint(0, 2**40, (1,), generator=generator))
+        base = int(torch.randint(0, 2**40, (1,), generator=generator, device=generator.device))
         per_t = [torch.Generator(device=generator.device).manual_seed(base * (self.T + 1) + int(t)) for t in ts]
         return torch.cat([self.noise_like(x, g) for g in per_t])
 

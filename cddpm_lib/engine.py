@@ -6,8 +6,9 @@
 ``best.pt``, ``last.pt``, ``config.json``, ``history.csv`` (and ``tb/`` when TensorBoard is installed).
 Checkpoints hold ``{"model_name", "hparams", "model", "optimizers", "scaler", "rng", "step", "best_val",
 "config"}``, tensors and plain types only (``torch.load(weights_only=True)``; ``models.load_model`` reads the
-first three). A rerun with the same settings resumes from ``last.pt`` (a finished run returns at once; other
-settings than :data:`RUNTIME_FIELDS` start a new run) and ends with the same weights as an uninterrupted run
+first three). A rerun with the same settings and inputs resumes from ``last.pt`` (a finished run returns at once;
+other settings than :data:`RUNTIME_FIELDS`, other training or validation data, or other ``inputs`` such as a
+re-run SparK encoder start a new run) and ends with the same weights as an uninterrupted run
 (bitwise on CPU): the batches of step ``s`` depend on ``(seed, s)`` only (:class:`~cddpm_lib.data.StepSampler`)
 and at every checkpoint all RNGs are reseeded from ``(seed, step, rank)``. Validation runs on a private RNG with
 a fixed seed (the same diffusion time steps and noise every time, so losses of different steps compare).
@@ -300,10 +301,14 @@ def _restore(ckpt, model, optimizers, scaler, run_dir: Path, seed: int, ctx: Dis
 
 
 def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: data.SliceCohort,
-        val_cohort: data.SliceCohort, *, info: dict | None = None, log=print) -> FitResult:
+        val_cohort: data.SliceCohort, *, info: dict | None = None, inputs: dict[str, str] | None = None,
+        log=print) -> FitResult:
     """Train ``model`` with ``cfg`` on ``train_cohort``, validating on ``val_cohort``; files under ``run_dir``.
 
-    ``info``: extra facts recorded in ``config.json`` (data selection, hyper-parameters).
+    ``info``: extra facts recorded in ``config.json`` (data selection, hyper-parameters). ``inputs``: fingerprints
+    of what else the run starts from (e.g. the SparK encoder file, :mod:`cddpm_lib.fingerprint`); like the two
+    cohorts' fingerprints they are part of the settings a run resumes under: ``last.pt`` written over other data
+    or other inputs is not resumed, a new run starts over it.
     """
     if not model.trainable:
         raise ConfigError(f"model {model.name!r} has nothing to train (trainable=False); it needs no training stage")
@@ -317,7 +322,9 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for the buffers every step frees and allocates again
     slab = int(model.slab_length)
-    record = {**cfg.to_dict(), "world_size": ctx.world}
+    # what the run is computed from besides its settings: a run over other data or other inputs is not resumed
+    inputs = {"train_data": train_cohort.fingerprint(), "val_data": val_cohort.fingerprint(), **(inputs or {})}
+    record = {**cfg.to_dict(), "world_size": ctx.world, "inputs": inputs}
     model.to(device)
     if cl:
         model.to(memory_format=torch.channels_last)
@@ -378,9 +385,9 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
                 best_val, best_step = (row["val_loss"], step) if improved else (best_val, best_step)
                 if ctx.rank == 0:
                     ck = _checkpoint(model, optimizers, scaler, step, best_val, record)
-                    save_torch(ck, run_dir / "last.pt")
-                    if improved:
+                    if improved:  # best.pt first: a run stopped between the two writes keeps its best weights
                         save_torch(ck, run_dir / "best.pt")
+                    save_torch(ck, run_dir / "last.pt")
                 t0 = time.time()  # validation and writing do not count as training time
             rows.append(row)
             for k, v in row.items() if writer is not None else ():

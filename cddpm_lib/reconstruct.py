@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from . import paths
+from .fingerprint import module_fingerprint, record_fingerprint
 from .models.base import UADModel
 from .runtime import keep_freed_memory
 from .volumes import VolumeError, load_nifti, load_npz, save_npz, slices_to_volume, volume_to_slices
@@ -202,11 +203,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _saved(path: Path, image: np.ndarray) -> dict[str, np.ndarray] | None:
-    """The arrays of ``path`` when it is a valid reconstruction of this very ``image``, else ``None``."""
+def recon_key(model: UADModel, seed: int, recon_kwargs: dict[str, Any]) -> str:
+    """Fingerprint of what a reconstruction depends on besides its input: the model's weights
+    (:func:`cddpm_lib.fingerprint.module_fingerprint`) and hyper-parameters, the noise seed and the test-time
+    settings."""
+    return record_fingerprint({"model": module_fingerprint(model), "hparams": dict(getattr(model, "hparams", {})),
+                               "seed": int(seed), "kwargs": recon_kwargs})
+
+
+def _saved(path: Path, image: np.ndarray, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays of ``path`` when it is a valid reconstruction of this very ``image`` made with ``key``
+    (:func:`recon_key`: same weights, seed and settings), else ``None``."""
     if not is_valid_recon(path):
         return None
     z = load_npz(path)
+    if "key" not in z or str(z["key"]) != key:
+        return None
     same = z["image"].shape == image.shape and np.allclose(z["image"], image, atol=1e-6)
     return z if same else None
 
@@ -217,7 +229,9 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
                        ) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """Reconstruction of one volume ``vol`` (``image, brain_mask, seg, affine``), saved to / reused from ``path``.
 
-    A valid file of the same input image is reused unless ``overwrite``. ``parts`` (``{t: folder}``, see
+    A valid file of the same input image made by the same weights, seed and settings (:func:`recon_key`, stored
+    in the file as ``key``) is reused unless ``overwrite``; a retrained model or another seed recomputes it.
+    ``parts`` (``{t: folder}``, see
     :func:`part_dirs`): for an ensemble ``t_test`` list, each single-``t`` part is reused from or saved to
     ``folder/<file name>`` and the ensemble is their mean — equal to one ensemble call with the same ``seed``.
     ``seed``: the volume's noise seed (:func:`subject_seed`).
@@ -225,7 +239,8 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
     synchronised; for an ensemble the sum of its parts'; read back from the file when reused).
     """
     path = Path(path)
-    if not overwrite and (z := _saved(path, vol["image"])) is not None:
+    key = recon_key(model, seed, recon_kwargs)
+    if not overwrite and (z := _saved(path, vol["image"], key)) is not None:
         return z["recon"], z["anomaly"], float(z.get("seconds", np.array(np.nan))), True
     ts = recon_kwargs.get("t_test")
     own_map = type(model).anomaly_map is not UADModel.anomaly_map
@@ -248,7 +263,7 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
         _sync(dev)
         seconds = time.perf_counter() - t0
     save_npz(path, image=vol["image"], recon=recon, anomaly=anomaly, brain_mask=vol["brain_mask"],
-             seg=vol["seg"], affine=vol["affine"], seconds=np.array(seconds))
+             seg=vol["seg"], affine=vol["affine"], seconds=np.array(seconds), key=np.array(key))
     return recon, anomaly, seconds, False
 
 

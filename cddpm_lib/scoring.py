@@ -15,7 +15,8 @@ where it came from, lesion volume, model, test-time settings, preprocessing QC) 
 mask, reconstruction, anomaly map, segmentation and the registration transform.
 
 The threshold is ``threshold`` when given, else the one the segmentation stage chose on the validation set for the
-same model, fold and test-time variant (``runs/<profile>/results/segmentation_runs.csv``).
+same model, fold and test-time variant (``runs/<profile>/results/segmentation_runs.csv``) of the data set named by
+``threshold_dataset`` (required when the stage chose one per evaluation set, e.g. BraTS21 and MSLUB for T2).
 """
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def _variant(model_name: str, t_test: Sequence[int] | None, default: str) -> tup
     return (f"t{ts[0]}" if len(ts) == 1 else "custom"), {"t_test": ts[0] if len(ts) == 1 else ts}
 
 
-def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str) -> tuple[float, str]:
-    """Threshold the segmentation stage chose on the validation set for this model/fold/variant."""
+def _stage_runs(profile: str, model_id: str | None, fold: int | None) -> tuple[pd.DataFrame, Path]:
+    """Rows of ``segmentation_runs.csv`` (the segmentation stage's thresholds) for this model and fold."""
     csv = paths.results_dir(profile) / "segmentation_runs.csv"
     if model_id is None or fold is None:
         raise ScoringError("no threshold given and the checkpoint is not inside a run folder "
@@ -83,13 +84,48 @@ def validation_threshold(profile: str, model_id: str | None, fold: int | None, v
         raise ScoringError(f"no threshold given and {csv} does not exist; run the segmentation stage "
                            "(notebook 06) or pass --threshold")
     runs = pd.read_csv(csv)
-    hit = runs[(runs["model_id"] == model_id) & (runs["fold"] == fold) & (runs["variant"] == variant)]
+    if "purpose" in runs:  # the Fig. 5 sweep's runs have thresholds of their own t_test
+        runs = runs[runs["purpose"] == "table3"]
+    return runs[(runs["model_id"] == model_id) & (runs["fold"] == fold)], csv
+
+
+def stage_variant(profile: str, model_id: str | None, fold: int | None) -> str | None:
+    """The test-time variant the segmentation stage evaluated this model with in Table 3 (e.g. ``t500`` for the
+    cDDPM without SSL, ``ens`` for cDDPM+SSL+ENS), or ``None`` when the stage has no (single) one."""
+    try:
+        runs, _ = _stage_runs(profile, model_id, fold)
+    except ScoringError:
+        return None
+    variants = list(dict.fromkeys(runs["variant"]))
+    return variants[0] if len(variants) == 1 else None
+
+
+def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str,
+                         dataset: str | None = None) -> tuple[float, str]:
+    """Threshold the segmentation stage chose on ``dataset``'s validation set for this model/fold/variant.
+
+    Thresholds are data-set specific (a tumour threshold is not a lesion threshold), so when the stage chose one
+    per evaluation set of the weighting (T2: BraTS21, MSLUB; T1: ATLAS, WMH) ``dataset`` must say which.
+    """
+    runs, csv = _stage_runs(profile, model_id, fold)
+    hit = runs[runs["variant"] == variant]
     if hit.empty:
-        have = sorted(set(zip(runs["model_id"], runs["fold"], runs["variant"])))
+        have = sorted(set(runs["variant"]))
         raise ScoringError(f"{csv} has no threshold for model {model_id!r}, fold {fold}, variant {variant!r} "
-                           f"(it has {have}); pass --threshold")
-    row = hit.iloc[0]
-    return float(row["threshold"]), f"{csv.name}: validation on {row['dataset']} ({row['threshold_method']})"
+                           f"(it has {have or 'none for this model and fold'}); pass --threshold"
+                           + (f" or --t-test matching one of {have}" if have else ""))
+    choices = {str(r["dataset"]): float(r["threshold"]) for _, r in hit.iterrows()}
+    if dataset is None and len(choices) > 1:
+        listed = ", ".join(f"{d} ({t:.4g})" for d, t in choices.items())
+        raise ScoringError(f"the segmentation stage chose a threshold per data set for {model_id!r} fold {fold}: "
+                           f"{listed}; pass --threshold-dataset with the one whose pathology you look for, "
+                           "or --threshold")
+    if dataset is not None and dataset not in choices:
+        raise ScoringError(f"--threshold-dataset {dataset!r}: {csv} has thresholds for {sorted(choices)} "
+                           f"(model {model_id!r}, fold {fold}, variant {variant!r})")
+    chosen = dataset or next(iter(choices))
+    row = hit[hit["dataset"] == chosen].iloc[0]
+    return float(row["threshold"]), f"{csv.name}: validation on {chosen} ({row['threshold_method']})"
 
 
 def _load_scan(scan: Path) -> None:
@@ -108,9 +144,14 @@ def _load_scan(scan: Path) -> None:
 
 
 def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, threshold: float | None = None,
-               t_test: Sequence[int] | None = None, device: str = "auto", skull_stripped: bool = False,
-               profile: str | None = None, seed: int = 0) -> dict[str, Path]:
+               threshold_dataset: str | None = None, t_test: Sequence[int] | None = None, device: str = "auto",
+               skull_stripped: bool = False, profile: str | None = None, seed: int = 0) -> dict[str, Path]:
     """Preprocess, reconstruct, post-process and segment one scan; returns ``{output name: path}``.
+
+    Test-time variant: ``t_test`` when given, else the one the segmentation stage used for this model in Table 3
+    (:func:`stage_variant`). Threshold: ``threshold``, else the stage's validation threshold of that variant on
+    ``threshold_dataset`` (:func:`validation_threshold`). Diffusion noise: seeded from ``(seed, scan name)`` as
+    the evaluation stages seed each volume (:func:`cddpm_lib.reconstruct.subject_seed`).
 
     ``profile``: preprocessing and post-processing settings (default: the checkpoint's run profile, else
     ``quick``); the preprocessed size must equal the size the model was trained on.
@@ -121,7 +162,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     from .models import load_model
     from .postprocessing import binarize
     from .preprocessing import TRANSFORM_FILE, PreprocessConfig, _load_sitk, preprocess_subject, to_native
-    from .reconstruct import reconstruct_volume
+    from .reconstruct import reconstruct_volume, subject_seed
     from .runtime import default_device
     from .segmentation import SegmentationConfig, continuous_map_fn
     from .volumes import load_nifti, save_figure, save_json, save_nifti
@@ -148,9 +189,11 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     if tuple(model.image_size) != tuple(out_hw):
         raise ScoringError(f"the checkpoint was trained on {tuple(model.image_size)} slices but profile "
                            f"{profile!r} preprocesses to {pre_cfg.output_shape}; pass the training run's --profile")
-    variant, recon_kwargs = _variant(model.name, t_test, "ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
+    default = stage_variant(profile, info.model_id, info.fold) or ("ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
+    variant, recon_kwargs = _variant(model.name, t_test, default)
     if threshold is None:
-        threshold, threshold_source = validation_threshold(profile, info.model_id, info.fold, variant)
+        threshold, threshold_source = validation_threshold(profile, info.model_id, info.fold, variant,
+                                                           threshold_dataset)
     else:
         threshold_source = "given (--threshold)"
 
@@ -165,7 +208,8 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
 
     dev = default_device(device)
     model.to(dev)
-    recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=seed, **recon_kwargs)
+    recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=subject_seed(seed, subject["subject_id"]),
+                                         **recon_kwargs)
     anomaly = continuous_map_fn(seg_cfg)(residual, mask).astype(np.float32)
     segmentation = binarize(anomaly, threshold, seg_cfg.spec())
 
@@ -235,4 +279,5 @@ def plot_overview(image: np.ndarray, recon: np.ndarray, anomaly: np.ndarray, seg
     return fig
 
 
-__all__ = ["plot_overview", "ScoringError", "CheckpointInfo", "checkpoint_info", "validation_threshold", "score_scan"]
+__all__ = ["plot_overview", "ScoringError", "CheckpointInfo", "checkpoint_info", "stage_variant",
+           "validation_threshold", "score_scan"]

@@ -27,6 +27,7 @@ from . import data, paths
 from .config import ConfigError, profile_params
 from .datasets import model_id
 from .engine import FitResult, LoopConfig, fit, init_distributed
+from .fingerprint import file_fingerprint
 from .models import MODEL_NAMES, UADModel, build_model
 from .runtime import seed_everything
 
@@ -120,7 +121,9 @@ def train(cfg: TrainConfig, log=print) -> FitResult:
             "ssl_encoder": str(ssl_encoder_path(cfg.profile, cfg.weighting, cfg.fold)) if cfg.ssl else None,
             "manifest": str(paths.preprocessed_manifest_path(cfg.source, cfg.profile))}
     own = cfg.replace(model_hparams={cfg.model: cfg.model_hparams.get(cfg.model, {})})  # others' do not matter
-    return fit(model, own, run_dir_of(cfg), train_set, val_set, info=info, log=log)
+    encoder = ssl_encoder_path(cfg.profile, cfg.weighting, cfg.fold)
+    inputs = {"ssl_encoder": file_fingerprint(encoder)} if cfg.ssl else {}
+    return fit(model, own, run_dir_of(cfg), train_set, val_set, info=info, inputs=inputs, log=log)
 
 
 # --------------------------------------------------------------------------------------------------------------

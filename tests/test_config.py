@@ -5,6 +5,7 @@ import dataclasses
 from typing import Literal
 
 import pytest
+import yaml
 
 from cddpm_lib import config
 from cddpm_lib.config import ConfigError, StageConfig
@@ -24,6 +25,9 @@ def test_defaults_and_coercion():
     cfg = ToyConfig.from_params({"lr": 1, "sizes": [3, 4]})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.sizes == (3, 4)
+    # YAML 1.1 reads 1e-4 (no dot) as text; a float parameter takes it as the number it spells
+    assert ToyConfig.from_params({"lr": yaml.safe_load("1e-4")}).lr == 1e-4
+    assert ToyConfig.from_params({"lr": "-2.5E3"}).lr == -2500.0
 
 
 def test_unknown_parameter_named():
@@ -32,7 +36,8 @@ def test_unknown_parameter_named():
 
 
 @pytest.mark.parametrize("field,value", [("steps", 1.5), ("steps", True), ("name", "c"), ("flag", 1),
-                                         ("sizes", [1, "x"]), ("path", 3)])
+                                         ("sizes", [1, "x"]), ("path", 3), ("lr", "1e-4x"), ("lr", "fast"),
+                                         ("steps", "10")])
 def test_wrong_types_rejected_with_name(field, value):
     with pytest.raises(ConfigError, match=field):
         ToyConfig.from_params({field: value})

@@ -118,6 +118,29 @@ def test_finished_run_is_skipped_and_changed_settings_restart(tmp_path, cohorts)
     assert changed.steps == 4 and torch.load(tmp_path / "last.pt", weights_only=True)["config"]["lr"] == 1e-3
 
 
+def test_other_data_or_inputs_start_a_new_run(tmp_path, cohorts):
+    train, val = cohorts
+    _fit(tmp_path, cohorts, _cfg(max_steps=4))
+    stamp = (tmp_path / "last.pt").stat().st_mtime_ns
+    changed = data.SliceCohort([im.flip(-1) for im in train.images], train.masks, train.subject_ids)
+    assert changed.fingerprint() != train.fingerprint()
+    assert data.SliceCohort(train.images, train.masks, train.subject_ids).fingerprint() == train.fingerprint()
+    logs = []
+    seed_everything(0)
+    rerun = engine.fit(TinyDenoiser(), _cfg(max_steps=4), tmp_path, changed, val, log=logs.append)
+    assert rerun.steps == 4 and (tmp_path / "last.pt").stat().st_mtime_ns != stamp
+    assert any("different settings (inputs)" in line for line in logs)
+    stamp = (tmp_path / "last.pt").stat().st_mtime_ns
+    seed_everything(0)
+    engine.fit(TinyDenoiser(), _cfg(max_steps=4), tmp_path, changed, val, log=logs.append)  # same again: reused
+    assert (tmp_path / "last.pt").stat().st_mtime_ns == stamp
+    seed_everything(0)  # another starting point handed in by the caller (e.g. a re-run SparK encoder)
+    engine.fit(TinyDenoiser(), _cfg(max_steps=4), tmp_path, changed, val, inputs={"ssl_encoder": "new"},
+               log=logs.append)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["config"]["inputs"]
+    assert saved["ssl_encoder"] == "new" and saved["train_data"] == changed.fingerprint()
+
+
 def test_untrainable_model_rejected(tmp_path, cohorts):
     class Fixed(TinyDenoiser):
         trainable = False

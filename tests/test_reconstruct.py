@@ -130,6 +130,28 @@ def test_reconstruct_dataset_writes_and_resumes(tmp_path):
     assert list(third["reused"]) == [False, True] and reconstruct.is_valid_recon(out / "s0.npz")
 
 
+def test_saved_reconstructions_are_reused_only_for_the_same_weights_and_seed(tmp_path):
+    rows, out = _rows(tmp_path), tmp_path / "recon"
+    model = FakeDiffusion()
+    reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)
+    first = str(load_npz(out / "s1.npz")["key"])
+    assert reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)["reused"].all()
+    # the same weights loaded into another instance: still the same reconstruction
+    twin = FakeDiffusion()
+    twin.load_state_dict(model.state_dict())
+    assert reconstruct.reconstruct_dataset(twin, rows, "t2", out, seed=1, t_test=500)["reused"].all()
+    # another seed, other settings, retrained weights or other hyper-parameters: computed again
+    for m, kw in ((model, {"seed": 2, "t_test": 500}), (model, {"seed": 1, "t_test": 250}),
+                  (FakeDiffusion(a=0.7), {"seed": 1, "t_test": 500}),
+                  (FakeDiffusion(b=0.3), {"seed": 1, "t_test": 500})):
+        assert not reconstruct.reconstruct_dataset(m, rows, "t2", out, **kw)["reused"].any()
+    with torch.no_grad():
+        model.a.mul_(2.0)  # trained further in place
+    again = reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)
+    assert not again["reused"].any()
+    assert str(load_npz(out / "s1.npz")["key"]) != first
+
+
 def test_missing_weighting_column_is_reported(tmp_path):
     with pytest.raises(ValueError, match="'t1'"):
         reconstruct.reconstruct_dataset(Affine(), _rows(tmp_path, 1), "t1", tmp_path / "r")

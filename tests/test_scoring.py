@@ -10,7 +10,7 @@ import pytest
 import torch
 from nilearn import datasets
 
-from cddpm_lib import paths
+from cddpm_lib import paths, scoring
 from cddpm_lib.cli import main
 from cddpm_lib.models import build_model
 from cddpm_lib.scoring import ScoringError, checkpoint_info, score_scan
@@ -107,6 +107,35 @@ def test_threshold_comes_from_the_segmentation_stage(runs, scan):
     out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True)
     summary = json.loads(out["summary"].read_text())
     assert summary["threshold"] == 0.123 and "MSLUB" in summary["threshold_source"]
+
+
+def test_threshold_per_data_set_and_the_stages_variant(runs, scan):
+    rows = [("ddpm_t2", "t500", "table3", "BraTS21", 0.2), ("ddpm_t2", "t500", "table3", "MSLUB", 0.1),
+            ("ddpm_t2", "t250", "sweep", "BraTS21", 0.7)]
+    results = paths.results_dir("smoke")
+    results.mkdir(parents=True)
+    pd.DataFrame([{"model_id": m, "fold": 0, "variant": v, "purpose": p, "dataset": d, "threshold": t,
+                   "threshold_method": "bisection"} for m, v, p, d, t in rows]).to_csv(
+        results / "segmentation_runs.csv", index=False)
+    # the stage evaluated this model at t500 (not the ensemble of the profile's default): that is the default
+    assert scoring.stage_variant("smoke", "ddpm_t2", 0) == "t500"
+    assert scoring.stage_variant("smoke", "vae_t2", 0) is None
+    with pytest.raises(ScoringError, match=r"BraTS21 \(0.2\), MSLUB \(0.1\); pass --threshold-dataset"):
+        scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500")
+    assert scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "MSLUB")[0] == 0.1
+    with pytest.raises(ScoringError, match="--threshold-dataset 'WMH'"):
+        scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "WMH")
+    with pytest.raises(ScoringError, match=r"variant 't250' \(it has \['t500'\]\)"):  # sweep runs do not count
+        scoring.validation_threshold("smoke", "ddpm_t2", 0, "t250", "BraTS21")
+    ckpt = paths.checkpoint_dir("smoke", "ddpm_t2", 0) / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_model("ddpm", image_size=(32, 32), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        num_heads=2)
+    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, ckpt)
+    out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True, threshold_dataset="BraTS21")
+    summary = json.loads(out["summary"].read_text())
+    assert summary["variant"] == "t500" and summary["threshold"] == 0.2 and "BraTS21" in summary["threshold_source"]
 
 
 def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):

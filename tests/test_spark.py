@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cddpm_lib import data, spark, train
+from cddpm_lib import data, fingerprint, spark, train
 from cddpm_lib.config import ConfigError
 from cddpm_lib.models.ddpm import build_cddpm
 
@@ -116,6 +116,10 @@ def test_pretrained_encoder_loads_into_the_cddpm(tmp_path, monkeypatch):
     model = train.build_run_model(tcfg, (32, 32))
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(v, saved[k]), k
+    # the fine-tuning run records which encoder it started from: a re-run SparK stage means a new run
+    run = train.train(tcfg.replace(batch_size=4, max_steps=2, val_every=2, progress=False), log=lambda *_: None)
+    started = torch.load(run.run_dir / "last.pt", weights_only=True)["config"]["inputs"]["ssl_encoder"]
+    assert started == fingerprint.file_fingerprint(path)
     wrong = tcfg.replace(model_hparams={"cddpm": dict(model_channels=8, num_res_blocks=1, encoder_depth=18,
                                                       encoder_width=16, cond_dim=16)})
     with pytest.raises(ValueError, match="architecture mismatch"):
