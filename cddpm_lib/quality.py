@@ -5,10 +5,14 @@ How each metric is computed (the paper does not say; each choice is a parameter 
 - **SSIM** (Wang et al. 2004): scikit-image's ``structural_similarity`` with Wang's settings — Gaussian window
   σ = 1.5 (11 voxels), K1 = 0.01, K2 = 0.03, population covariances, ``data_range = 1`` (intensities in [0, 1]).
   ``ssim_dims="3d"`` (default) computes the local SSIM map in 3D on the whole volume; ``"2d"`` computes it per
-  axial slice (the models' own domain). Either way the map is averaged over the brain-mask voxels only.
-- **PSNR**: ``10 log10(data_range² / MSE)`` with the MSE over the brain-mask voxels, ``data_range = 1``;
+  axial slice (the models' own domain). The map is averaged over the brain-mask voxels
+  (``similarity_region="brain"``, default) or over the whole volume (``"volume"``).
+- **PSNR**: ``10 log10(data_range² / MSE)`` with the MSE over the same region, ``data_range = 1``;
   identical inputs give ``inf``, or ``psnr_cap_db`` when set (so that means stay finite).
-- **l1-error**: mean ``|x − x̂|`` over the brain-mask voxels.
+- **l1-error**: mean ``|x − x̂|`` over the whole volume (``l1_error_region="volume"``, default: the authors'
+  code, ``l1_loss(reconstruction, input)`` of the volume, background included) or over the brain-mask voxels
+  (``"brain"``). With background at 0 in both, the volume's l1 is the brain's times the brain's share of the
+  volume (about half of it at the quick size).
 - **l1-ratio** = l1(unhealthy) / l1(healthy) (paper §4.5.1). ``region="brain"`` (default): unhealthy = brain ∩
   annotation, healthy = brain minus annotation. ``region="volume"``: annotation vs everything else, background
   included (the authors' public code). Per fold, the ratio of the mean unhealthy l1 over the mean healthy l1 of
@@ -123,12 +127,21 @@ def l1_ratio(l1_unhealthy: np.ndarray, l1_healthy: np.ndarray) -> float:
 
 
 def volume_quality(image: np.ndarray, recon: np.ndarray, brain_mask: np.ndarray, *, data_range: float = 1.0,
-                   ssim_dims: Literal["2d", "3d"] = "3d", psnr_cap_db: float | None = None) -> dict[str, float]:
-    """SSIM, PSNR and l1-error of one healthy volume inside its brain mask (Table 2's IXI columns)."""
+                   ssim_dims: Literal["2d", "3d"] = "3d", psnr_cap_db: float | None = None,
+                   similarity_region: Literal["brain", "volume"] = "brain",
+                   l1_error_region: Literal["brain", "volume"] = "volume") -> dict[str, float]:
+    """SSIM, PSNR and l1-error of one healthy volume (Table 2's IXI columns); SSIM and PSNR over
+    ``similarity_region``, the l1-error over ``l1_error_region`` (``brain``: the brain-mask voxels; ``volume``:
+    every voxel)."""
+    regions = {"brain": brain_mask, "volume": None}
+    for name, value in (("similarity_region", similarity_region), ("l1_error_region", l1_error_region)):
+        if value not in regions:
+            raise ValueError(f"volume_quality: {name} must be 'brain' or 'volume', got {value!r}")
+    sim = regions[similarity_region]
     return {
-        "ssim": ssim(image, recon, brain_mask, data_range=data_range, dims=ssim_dims),
-        "psnr": psnr(image, recon, brain_mask, data_range=data_range, cap_db=psnr_cap_db),
-        "l1": l1_error(image, recon, brain_mask),
+        "ssim": ssim(image, recon, sim, data_range=data_range, dims=ssim_dims),
+        "psnr": psnr(image, recon, sim, data_range=data_range, cap_db=psnr_cap_db),
+        "l1": l1_error(image, recon, regions[l1_error_region]),
     }
 
 
@@ -150,9 +163,12 @@ class ReconstructionQualityConfig(StageConfig):
     data_range: float = 1.0
     psnr_cap_db: float | None = None
     l1_region: Literal["brain", "volume"] = "brain"
+    similarity_region: Literal["brain", "volume"] = "brain"
+    l1_error_region: Literal["brain", "volume"] = "volume"
     medicalnet_weights: str = ""  # "" -> $CDDPM_MEDICALNET_WEIGHTS
     permutation_rounds: int = 10000  # paper §4.5.4
     alpha: float = 0.05
+    alternative: Literal["one-sided", "two-sided"] = "one-sided"
     max_volumes: int = 0  # per data set; 0 = all test volumes
     device: str = "auto"
     max_batch: int = 32
@@ -257,7 +273,9 @@ def evaluate_healthy(cfg: ReconstructionQualityConfig, log=print) -> tuple[pd.Da
             out, parts = (f(cfg.profile, mid, fold, variant, HEALTHY) for f in (paths.recon_dir, reconstruct.part_dirs))
             for row, case, recon in reconstruct_rows(model, rows, "t2", out, cfg, parts=parts, **kw):
                 scores = volume_quality(case["image"], recon, case["brain_mask"], data_range=cfg.data_range,
-                                        ssim_dims=cfg.ssim_dims, psnr_cap_db=cfg.psnr_cap_db)
+                                        ssim_dims=cfg.ssim_dims, psnr_cap_db=cfg.psnr_cap_db,
+                                        similarity_region=cfg.similarity_region,
+                                        l1_error_region=cfg.l1_error_region)
                 scores["perceptual"] = metric.distance(case["image"], recon, case["brain_mask"], device)
                 records.append({"model": spec, "fold": fold, "subject_id": row["subject_id"], **scores,
                                 "perceptual_kind": metric.kind})
@@ -323,27 +341,29 @@ SUBSTITUTE_HEADER = SUBSTITUTE_LABEL + " e-3 ↓"
 
 
 def significance_stars(scores: pd.DataFrame, column: str, higher_is_better: bool, *, rounds: int, alpha: float,
-                       seed: int = 0) -> str | None:
+                       seed: int = 0, alternative: Literal["one-sided", "two-sided"] = "one-sided") -> str | None:
     """The model of ``column`` that is significantly better than every other (paper §4.5.4), or ``None``.
 
-    The best model by fold mean is tested against each other model with mlxtend's one-sided permutation test on
-    the per-fold scores; the star needs ``p < alpha`` every time (impossible with fewer than 2 folds).
+    The best model by fold mean is tested against each other model with mlxtend's permutation test on the
+    per-fold scores (one-sided in its favour, or two-sided); the star needs ``p < alpha`` every time, which
+    needs enough folds (:func:`cddpm_lib.stats.min_p_value`: 4 against 4 at least at α = 0.05, one-sided).
     """
     per_model = {m: g[column].astype(float).dropna().to_numpy() for m, g in scores.groupby("model", sort=False)}
     per_model = {m: v for m, v in per_model.items() if v.size and np.isfinite(v).all()}
     if len(per_model) < 2 or min(v.size for v in per_model.values()) < 2:
         return None
     best = (max if higher_is_better else min)(per_model, key=lambda m: per_model[m].mean())
-    alternative = "greater" if higher_is_better else "less"
+    side = "two-sided" if alternative == "two-sided" else "greater" if higher_is_better else "less"
     for other, values in per_model.items():
-        if other != best and stats.permutation_test(per_model[best], values, alternative=alternative,
+        if other != best and stats.permutation_test(per_model[best], values, alternative=side,
                                                     rounds=rounds, seed=seed) >= alpha:
             return None
     return best
 
 
 def table2_long(scores: pd.DataFrame, perceptual_kind: str, *, rounds: int = stats.ROUNDS,
-                alpha: float = stats.ALPHA) -> pd.DataFrame:
+                alpha: float = stats.ALPHA, alternative: Literal["one-sided", "two-sided"] = "one-sided"
+                ) -> pd.DataFrame:
     """Our Table 2 as ``model, metric, mean, std, star`` (display units) beside the paper's (``tables``
     side-by-side layout). The perceptual column is ``LPIPS`` only with MedicalNet; the substitute gets its own,
     clearly labelled column and the LPIPS column stays empty ("n/a")."""
@@ -353,7 +373,7 @@ def table2_long(scores: pd.DataFrame, perceptual_kind: str, *, rounds: int = sta
             if perceptual_kind == "none":
                 continue
             header = SUBSTITUTE_HEADER
-        best = significance_stars(scores, col, hib, rounds=rounds, alpha=alpha)
+        best = significance_stars(scores, col, hib, rounds=rounds, alpha=alpha, alternative=alternative)
         for spec, g in scores.groupby("model", sort=False):
             mean, std = stats.mean_std(g[col].astype(float) * scale)
             ours.append({"model": spec, "metric": header, "mean": mean, "std": std, "star": best == spec})
@@ -376,16 +396,29 @@ def _cell(r: pd.Series, digits: int) -> str:
     return tables.format_cell(r, digits)
 
 
+_REGION = {"brain": "the brain-mask voxels", "volume": "every voxel of the volume (the authors' code)"}
+
+
+def _star_floor(cfg: ReconstructionQualityConfig) -> str:
+    """Whether ``cfg.folds`` can give a star at all (the test's smallest p-value against α)."""
+    n = len(cfg.folds)
+    floor = stats.min_p_value(n, n, "two-sided" if cfg.alternative == "two-sided" else "greater")
+    if floor >= cfg.alpha:
+        return f"No star is possible with {n} fold(s) per row: the smallest p-value is {floor:.3g} ≥ α."
+    return f"With {n} folds per row the smallest possible p-value is {floor:.3g}."
+
+
 def write_table2(sbs: pd.DataFrame, notes: dict[int, str], cfg: ReconstructionQualityConfig) -> Path:
     """``results/table2.csv`` (numbers, paper beside) and ``table2.md`` (the paper's layout, how each metric was
     computed, the perceptual provenance); returns the CSV path."""
     lines = [
         f"- Kit: mean ± std over folds {list(cfg.folds)}; DDPM family with variant '{cfg.diffusion_variant}' "
         f"(t_test {reconstruct.variant_kwargs(cfg.diffusion_variant).get('t_test')}); `*`: best and "
-        f"significantly better than every other row (mlxtend permutation test on per-fold scores, "
-        f"{cfg.permutation_rounds} rounds, α = {cfg.alpha}; needs ≥ 2 folds).",
-        f"- SSIM: Wang et al. (Gaussian σ = 1.5, data range 1), {cfg.ssim_dims.upper()} map averaged over the brain "
-        "mask; PSNR and l1 over the brain-mask voxels (data range 1).",
+        f"significantly better than every other row ({cfg.alternative} mlxtend permutation test on per-fold "
+        f"scores, {cfg.permutation_rounds} rounds, α = {cfg.alpha}). " + _star_floor(cfg),
+        f"- SSIM: Wang et al. (Gaussian σ = 1.5, data range 1), {cfg.ssim_dims.upper()} map averaged over "
+        f"{_REGION[cfg.similarity_region]}; PSNR over {_REGION[cfg.similarity_region]} (data range 1); l1-error over "
+        f"{_REGION[cfg.l1_error_region]}.",
         f"- l1-ratio: l1(unhealthy) / l1(healthy) with region '{cfg.l1_region}' (brain: annotation ∩ brain vs brain "
         "minus annotation), ratio of the means over test volumes with a non-empty annotation.",
         *(f"- Perceptual column, fold {k}: {note}" for k, note in notes.items()),

@@ -75,7 +75,9 @@ class SegmentationConfig(StageConfig):
     thresh_polarity: dict = dataclasses.field(default_factory=lambda: {"t2": 1, "t1": -1})
     permutation_rounds: int = 10_000
     alpha: float = 0.05
+    alternative: Literal["one-sided", "two-sided"] = "one-sided"
     target_row: str = "cDDPM+SSL+ENS"
+    star_baselines: Literal["other_models", "all_rows"] = "other_models"
     timing_volumes: int = 5
     n_nifti: int = 3
     overwrite: bool = False

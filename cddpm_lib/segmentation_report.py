@@ -2,8 +2,8 @@
 inference time (§5.4), Figs. 4–6 and NIfTI exports, from the scores of :mod:`cddpm_lib.segmentation`.
 
 - :func:`fold_scores` — per-volume scores -> per-fold means (%), the unit of Table 3 and of the paper's tests;
-- :func:`significance` — one-sided permutation tests of ``target_row`` against every other row: per-fold
-  (mlxtend, paper §4.5.4) and, extra, paired per-volume;
+- :func:`significance` — permutation tests of ``target_row`` against the other models' rows
+  (:func:`star_baselines`): per-fold (mlxtend, paper §4.5.4) and, extra, paired per-volume;
 - :func:`table3` / :func:`write_table3` — mean ± std over folds beside the paper's values, ``*`` where the target
   beat every other row, and each row's checkpoint status (missing rows stay in the table);
 - :func:`inference_times` — DDPM, pDDPM, cDDPM timed back to back in one process, ratios beside the paper's;
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import figures, paths, reference
+from . import figures, paths, reference, stats
 from .datasets import EVAL_SETS
 from .models import load_model
 from .postprocessing import binarize
@@ -48,22 +48,43 @@ def fold_scores(per_volume: pd.DataFrame, purpose: str | None = "table3") -> pd.
     return long
 
 
+def _side(cfg: SegmentationConfig) -> str:
+    return "greater" if cfg.alternative == "one-sided" else "two-sided"
+
+
+def star_baselines(cfg: SegmentationConfig, folds: pd.DataFrame) -> list[str]:
+    """Rows the target row is tested against for its star. Paper Table 3: "superior performance with statistical
+    significance compared to all baselines" — the other models (AE, VAE, …, DDPM, pDDPM), not the target's own
+    ablation rows (cDDPM, cDDPM+SSL: the paper stars 53.37 ± 1.80 beside cDDPM+SSL's 52.35 ± 0.95, which five
+    folds cannot separate); ``star_baselines="all_rows"`` tests those as well."""
+    model_of = folds.drop_duplicates("row").set_index("row")["model"]
+    if cfg.target_row not in model_of:
+        return []
+    return [r for r in model_of.index if r != cfg.target_row
+            and (cfg.star_baselines == "all_rows" or model_of[r] != model_of[cfg.target_row])]
+
+
 def significance(cfg: SegmentationConfig, folds: pd.DataFrame, per_volume: pd.DataFrame) -> pd.DataFrame:
-    """One-sided permutation tests ``target_row > every other row`` per data set and metric: on per-fold scores
-    (mlxtend, the paper) and, as an extra, paired on per-volume scores averaged over folds."""
-    rows = list(dict.fromkeys(folds["row"]))
-    if cfg.target_row not in rows:
-        return pd.DataFrame(columns=["dataset", "metric", "target", "baseline", "p_value", "significant", "unit"])
-    baselines = [r for r in rows if r != cfg.target_row]
+    """Permutation tests of ``target_row`` against every star baseline (:func:`star_baselines`) per data set and
+    metric (``cfg.alternative``; one-sided: H1 is "target better"): on per-fold scores (mlxtend, the paper;
+    Thresh, scored once because it is deterministic, counts with its value in every fold) and, as an extra, paired
+    on per-volume scores averaged over folds."""
+    baselines = star_baselines(cfg, folds)
+    if not baselines:
+        return pd.DataFrame(columns=["dataset", "metric", "target", "baseline", "p_value", "min_p_value",
+                                     "significant", "unit"])
+    constant = [r for r in baselines if (folds.loc[folds["row"] == r, "model"] == "thresh").all()]
     tab = folds[folds["metric"].isin(list(METRICS))]
     per_fold = compare_with_baselines(tab, cfg.target_row, baselines, unit_col="fold",
-                                      rounds=cfg.permutation_rounds, alpha=cfg.alpha, seed=cfg.seed)
+                                      rounds=cfg.permutation_rounds, alpha=cfg.alpha, seed=cfg.seed,
+                                      alternative=_side(cfg), constant_baselines=constant)
     pv = per_volume[per_volume["purpose"] == "table3"]
     vol = (pv.groupby(["row", "dataset", "subject_id"], sort=False)[list(METRICS.values())].mean() * 100.0)
     vol = vol.reset_index().melt(id_vars=["row", "dataset", "subject_id"], var_name="metric", value_name="value")
     vol["metric"] = vol["metric"].map({v: k for k, v in METRICS.items()})
     per_vol = compare_with_baselines(vol, cfg.target_row, baselines, unit_col="subject_id", paired=True,
-                                     rounds=cfg.permutation_rounds, alpha=cfg.alpha, seed=cfg.seed)
+                                     rounds=cfg.permutation_rounds, alpha=cfg.alpha, seed=cfg.seed,
+                                     alternative=_side(cfg))
     tests = pd.concat([per_fold.assign(unit="fold (paper)"), per_vol.assign(unit="volume, paired (extra)")],
                       ignore_index=True)
     save_dataframe(tests, paths.results_dir(cfg.profile) / "table3_pvalues.csv")
@@ -79,7 +100,7 @@ def table3(cfg: SegmentationConfig, plan: pd.DataFrame, folds: pd.DataFrame, tes
         pd.DataFrame(columns=[*keys, "mean", "std", "n"])
     ours["star"] = False
     if len(tests):
-        st = stars(tests[tests["unit"] == "fold (paper)"])
+        st = stars(tests[tests["unit"] == "fold (paper)"], alpha=cfg.alpha)
         for _, s in st[st["star"]].iterrows():
             ours.loc[(ours["row"] == s["target"]) & (ours["dataset"] == s["dataset"])
                      & (ours["metric"] == s["metric"]), "star"] = True
@@ -96,18 +117,33 @@ def table3(cfg: SegmentationConfig, plan: pd.DataFrame, folds: pd.DataFrame, tes
     return sbs
 
 
-def write_table3(cfg: SegmentationConfig, sbs: pd.DataFrame, folds: pd.DataFrame | None = None
-                 ) -> tuple[Path, Path]:
+def star_note(cfg: SegmentationConfig, tests: pd.DataFrame | None = None) -> str:
+    """What the ``*`` of Table 3 means here, and whether these folds could give one at all."""
+    against = "every other model's row" if cfg.star_baselines == "other_models" else "every other row"
+    side = cfg.alternative
+    note = (f"`*` = {cfg.target_row} significantly better than {against} ({side} permutation test on per-fold "
+            f"scores, Thresh's deterministic score counted in every fold, {cfg.permutation_rounds} rounds, "
+            f"α = {cfg.alpha}).")
+    if tests is not None and "min_p_value" in tests:
+        floors = tests.loc[tests["unit"] == "fold (paper)", "min_p_value"].dropna()
+        if len(floors) and floors.max() >= cfg.alpha:
+            note += (f" No star is possible with these folds: the smallest p-value the test can reach is "
+                     f"{floors.max():.3g} ≥ α (5 folds against 5 reach {stats.min_p_value(5, 5, _side(cfg)):.3g}).")
+    return note
+
+
+def write_table3(cfg: SegmentationConfig, sbs: pd.DataFrame, folds: pd.DataFrame | None = None,
+                 tests: pd.DataFrame | None = None) -> tuple[Path, Path]:
     """``results/table3.{csv,md}`` in the paper's layout with the paper's values and the difference (and the
-    per-fold scores behind it as ``segmentation_per_fold.csv``)."""
+    per-fold scores behind it as ``segmentation_per_fold.csv``); ``tests``: :func:`significance`'s, for the note
+    on whether a star was possible."""
     if folds is not None and len(folds):
         save_dataframe(folds, paths.results_dir(cfg.profile) / "segmentation_per_fold.csv")
     wide = to_wide(sbs, ["row", "status"], ["dataset", "metric"])
     note = (f"Mean ± std over folds {list(cfg.folds)} (Thresh: first fold only), DICE/AUPRC in %. Threshold: "
             f"{cfg.threshold_search} search on the pooled unhealthy validation voxels; AUPRC per volume over "
             f"{'all voxels of the volume' if cfg.auprc_region == 'volume' else 'brain voxels'}; post-processing "
-            f"{' → '.join(cfg.spec().steps)}. `*` = significantly better than every other row (one-sided "
-            f"permutation test on per-fold scores, {cfg.permutation_rounds} rounds, α = {cfg.alpha}).")
+            f"{' → '.join(cfg.spec().steps)}. " + star_note(cfg, tests))
     md = to_markdown(sbs, ["row", "status"], ["dataset", "metric"], title="Table 3 — segmentation", note=note)
     return write_table(wide, md, paths.results_dir(cfg.profile) / "table3")
 
@@ -205,7 +241,8 @@ def export_nifti(cfg: SegmentationConfig, index: pd.DataFrame, runs: pd.DataFram
     written = []
     tab = index[(index["purpose"] == "table3") & (index["split"] == "test") & (index["fold"] == cfg.folds[0])]
     for key, grp in tab.groupby(["row", "model_id", "variant", "dataset"], sort=False):
-        hit = runs[(runs["row"] == key[0]) & (runs["dataset"] == key[3]) & (runs["fold"] == cfg.folds[0])]
+        hit = runs[(runs["row"] == key[0]) & (runs["variant"] == key[2]) & (runs["dataset"] == key[3])
+                   & (runs["fold"] == cfg.folds[0]) & (runs["purpose"] == "table3")]
         if hit.empty:
             continue
         thr = float(hit.iloc[0]["threshold"])

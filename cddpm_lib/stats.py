@@ -5,10 +5,19 @@ significance level of α = 5 %. This test computes the mean difference of the co
 each permutation, and the resulting p-value is computed by counting the number of times the mean differences were
 equal to or greater than the sample differences, divided by the total number of permutations."
 
-That is mlxtend's ``permutation_test(x, y, func="x_mean > y_mean", method="approximate", num_rounds=10000)``:
-a one-sided test that model ``x`` (cDDPM) scores higher than ``y`` (a baseline), on the per-fold scores of the two
-models (unpaired, mlxtend's default). :func:`permutation_test` wraps exactly that call. A star in Tables 2–3 marks
-a row that is significantly better than *every* baseline (:func:`stars`).
+:func:`permutation_test` wraps mlxtend's ``permutation_test(x, y, func=..., method="approximate",
+num_rounds=10000)`` on the per-fold scores of two models (unpaired, mlxtend's default). Which ``func`` the
+authors used the paper does not say: "greater than the sample differences" reads as the one-sided
+``"x_mean > y_mean"`` (model ``x``, the cDDPM, scores higher), which is the kit's default; mlxtend's own default
+is the two-sided ``"x_mean != y_mean"`` (absolute differences, p about twice as large). Both are a stage
+parameter (``alternative``). A star in Tables 2–3 marks a row that is significantly better than *every* baseline
+(:func:`stars`).
+
+Resolution: with ``n`` and ``m`` distinct scores an unpaired permutation test cannot give a p-value below
+``1 / C(n + m, n)`` (:func:`min_p_value`): 2 folds against 2 cannot go below 1/6, 3 against 3 reaches 0.05 at
+best, 5 against 5 reaches 0.004. :func:`compare_with_baselines` reports that floor beside each p-value and
+:func:`stars` says whether a star was possible at all. A deterministic baseline evaluated once (Thresh: the same
+value in every fold) enters with its value repeated once per fold of the target (``constant_baselines``).
 
 Extra (not in the paper): the paired sign-flip test on per-volume scores (same test volumes, scores averaged over
 folds). mlxtend's paired loop is pure Python (minutes for 1151 volumes × 10 000 rounds × many comparisons), so
@@ -22,6 +31,7 @@ Spread: ``std`` is NumPy's population standard deviation (``ddof = 0``) as in th
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Literal, Sequence
 
 import numpy as np
@@ -44,6 +54,16 @@ def mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
         return float("nan"), float("nan")
     std = float(v.std(ddof=ddof)) if v.size > max(1, ddof) else float("nan")
     return float(v.mean()), std
+
+
+def min_p_value(n_x: int, n_y: int, alternative: Alternative = "greater") -> float:
+    """Smallest p-value an exact unpaired permutation test of ``n_x`` against ``n_y`` distinct scores can give:
+    ``1 / C(n_x + n_y, n_x)`` (only the observed split is as extreme), twice that for a two-sided test of equal
+    group sizes (the mirrored split is as extreme in absolute value)."""
+    if n_x < 1 or n_y < 1:
+        raise ValueError(f"min_p_value: needs at least one score per group, got {n_x} and {n_y}")
+    splits = math.comb(n_x + n_y, n_x)
+    return min(1.0, (2.0 if alternative == "two-sided" and n_x == n_y else 1.0) / splits)
 
 
 def permutation_test(x: Sequence[float], y: Sequence[float], *, alternative: Alternative = "greater",
@@ -106,13 +126,17 @@ def compare_with_baselines(scores: pd.DataFrame, target: str, baselines: Sequenc
                            value_col: str = "value", unit_col: str = "fold",
                            group_cols: Sequence[str] = ("dataset", "metric"), paired: bool = False,
                            alternative: Alternative = "greater", rounds: int = ROUNDS, alpha: float = ALPHA,
-                           seed: int = 0) -> pd.DataFrame:
-    """One-sided tests ``target > baseline`` per group (e.g. data set × metric).
+                           seed: int = 0, constant_baselines: Sequence[str] = ()) -> pd.DataFrame:
+    """Tests ``target`` against each baseline per group (e.g. data set × metric); ``alternative="greater"``: H1 is
+    ``target > baseline``.
 
     scores: long DataFrame with ``label_col`` (model row), ``unit_col`` (fold or subject), ``group_cols`` and
     ``value_col``. Unpaired (per-fold, the paper) uses mlxtend; ``paired=True`` matches units by ``unit_col``
     (per-volume extra) and uses :func:`paired_permutation_test`. A baseline without scores in a group is skipped.
-    Returns ``*group_cols, target, baseline, n_target, n_baseline, p_value, significant``.
+    ``constant_baselines``: deterministic baselines scored once (Thresh); unpaired, their single value stands for
+    every unit of the target (what scoring them in each fold would give).
+    Returns ``*group_cols, target, baseline, n_target, n_baseline, p_value, min_p_value, significant``
+    (``min_p_value``: the test's floor, :func:`min_p_value`; NaN for paired tests).
     """
     out = []
     for key, grp in scores.groupby(list(group_cols), sort=False):
@@ -131,19 +155,32 @@ def compare_with_baselines(scores: pd.DataFrame, target: str, baselines: Sequenc
                 p = paired_permutation_test(merged[f"{value_col}_x"], merged[f"{value_col}_y"],
                                             alternative=alternative, rounds=rounds, seed=seed)
                 nx = ny = len(merged)
+                floor = math.nan
             else:
-                p = permutation_test(tgt[value_col], other[value_col], alternative=alternative, rounds=rounds,
-                                     seed=seed)
-                nx, ny = len(tgt), len(other)
+                y = other[value_col].to_numpy(np.float64)
+                if base in constant_baselines:
+                    if len(np.unique(y)) != 1:
+                        raise ValueError(f"compare_with_baselines: {base!r} is declared constant but has "
+                                         f"{len(np.unique(y))} different scores in group {key}")
+                    y = np.repeat(y[:1], len(tgt))
+                p = permutation_test(tgt[value_col], y, alternative=alternative, rounds=rounds, seed=seed)
+                nx, ny = len(tgt), len(y)
+                floor = min_p_value(nx, ny, alternative)
             out.append({**dict(zip(group_cols, key)), "target": target, "baseline": base, "n_target": nx,
-                        "n_baseline": ny, "p_value": p, "significant": bool(p < alpha)})
-    cols = [*group_cols, "target", "baseline", "n_target", "n_baseline", "p_value", "significant"]
+                        "n_baseline": ny, "p_value": p, "min_p_value": floor, "significant": bool(p < alpha)})
+    cols = [*group_cols, "target", "baseline", "n_target", "n_baseline", "p_value", "min_p_value", "significant"]
     return pd.DataFrame(out, columns=cols)
 
 
-def stars(tests: pd.DataFrame, group_cols: Sequence[str] = ("dataset", "metric")) -> pd.DataFrame:
-    """Per group: ``star = True`` when the target beat every tested baseline significantly (the paper's ``*``)."""
+def stars(tests: pd.DataFrame, group_cols: Sequence[str] = ("dataset", "metric"), alpha: float = ALPHA
+          ) -> pd.DataFrame:
+    """Per group: ``star = True`` when the target beat every tested baseline significantly (the paper's ``*``);
+    ``possible = False`` when some comparison could not reach ``alpha`` whatever the scores (too few folds,
+    :func:`min_p_value`)."""
     if tests.empty:
-        return pd.DataFrame(columns=[*group_cols, "target", "star", "max_p_value"])
-    g = tests.groupby([*group_cols, "target"], sort=False)
-    return g.agg(star=("significant", "all"), max_p_value=("p_value", "max")).reset_index()
+        return pd.DataFrame(columns=[*group_cols, "target", "star", "max_p_value", "possible"])
+    t = tests.assign(_reachable=~(tests["min_p_value"] >= alpha)) if "min_p_value" in tests else \
+        tests.assign(_reachable=True)
+    g = t.groupby([*group_cols, "target"], sort=False)
+    return g.agg(star=("significant", "all"), max_p_value=("p_value", "max"),
+                 possible=("_reachable", "all")).reset_index()

@@ -98,6 +98,24 @@ def test_l1_error_and_split():
     assert Q.l1_error(x, y, brain) == pytest.approx((0.8 + 0.2) / 4)
 
 
+def test_volume_quality_regions():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((12, 12, 12), np.uint8)
+    brain[2:10, 3:9, 1:11] = 1
+    x = rng.random(brain.shape) * brain
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1) * brain  # background 0 in both
+    default = Q.volume_quality(x, y, brain)
+    in_brain = Q.volume_quality(x, y, brain, l1_error_region="brain")
+    # the volume's l1 (authors' code) is the brain's times the brain's share of the volume
+    assert default["l1"] == pytest.approx(in_brain["l1"] * brain.mean())
+    assert default["ssim"] == in_brain["ssim"] == pytest.approx(Q.ssim(x, y, brain))
+    whole = Q.volume_quality(x, y, brain, similarity_region="volume")
+    assert whole["ssim"] == pytest.approx(Q.ssim(x, y)) and whole["psnr"] == pytest.approx(Q.psnr(x, y))
+    assert whole["psnr"] > default["psnr"]  # the error-free background raises the volume's PSNR
+    with pytest.raises(ValueError, match="l1_error_region"):
+        Q.volume_quality(x, y, brain, l1_error_region="head")
+
+
 def test_l1_ratio_is_ratio_of_means_ignoring_empty():
     assert Q.l1_ratio([0.4, math.nan, 0.2], [0.1, 0.1, 0.1]) == pytest.approx(3.0)
     assert math.isnan(Q.l1_ratio([math.nan], [0.1]))
@@ -226,6 +244,10 @@ def test_star_needs_significance_over_every_other_model():
     assert Q.significance_stars(scores, "ssim", False, rounds=500, alpha=0.05) is None
     one_fold = scores[scores["fold"] == 0]
     assert Q.significance_stars(one_fold, "ssim", True, rounds=500, alpha=0.05) is None
+    two_folds = scores[scores["fold"] < 2]  # 2 against 2 cannot reach p < 0.05: never a star
+    assert Q.significance_stars(two_folds, "ssim", True, rounds=500, alpha=0.05) is None
+    assert "No star is possible with 2 fold(s)" in Q._star_floor(Q.ReconstructionQualityConfig(folds=(0, 1)))
+    assert "smallest possible p-value is 0.00397" in Q._star_floor(Q.ReconstructionQualityConfig())
 
 
 def test_config_rejects_bad_values_and_matches_notebook():

@@ -96,6 +96,40 @@ def test_table3_star_for_a_clearly_better_target():
     assert star["cDDPM+SSL+ENS"] and not star["AE"]
 
 
+def _fold_rows(spec, folds):
+    return pd.DataFrame([{"row": r, "model": m, "ssl": s, "ens": e, "variant": "x", "dataset": "BraTS21",
+                          "fold": f, "metric": "DICE", "value": v + 0.1 * f}
+                         for r, m, s, e, v in spec for f in (folds if m != "thresh" else folds[:1])])
+
+
+def test_star_tests_other_models_and_counts_thresh_in_every_fold(roots):
+    spec = (("cDDPM+SSL+ENS", "cddpm", True, True, 60.0), ("cDDPM+SSL", "cddpm", True, False, 59.9),
+            ("AE", "ae", False, False, 30.0), ("Thresh", "thresh", False, False, 10.0))
+    folds = _fold_rows(spec, [0, 1, 2, 3, 4])
+    per_volume = pd.DataFrame(columns=["row", "dataset", "subject_id", "purpose", "dice", "auprc"])
+    cfg = _cfg(models=("thresh", "ae", "cddpm"), folds=(0, 1, 2, 3, 4), permutation_rounds=2000)
+    assert report.star_baselines(cfg, folds) == ["AE", "Thresh"]  # not its own ablation row
+    tests = report.significance(cfg, folds, per_volume)
+    fold_tests = tests[tests["unit"] == "fold (paper)"].set_index("baseline")
+    assert fold_tests.loc["Thresh", "n_baseline"] == 5 and fold_tests["significant"].all()
+    plan = pd.DataFrame({"row": [r for r, *_ in spec], "purpose": "table3", "status": "ok"})
+    def starred(c, t):
+        table = report.table3(c, plan, folds, t)
+        return bool(table[(table["metric"] == "DICE") & (table["row"] == "cDDPM+SSL+ENS")]["star"].iloc[0])
+
+    assert starred(cfg, tests)
+    # tested against every row, the 0.1 lead over cDDPM+SSL is not significant: no star
+    every = cfg.replace(star_baselines="all_rows")
+    assert "cDDPM+SSL" in report.star_baselines(every, folds)
+    assert not starred(every, report.significance(every, folds, per_volume))
+    # two folds cannot give p < 0.05: the note says so
+    two = _fold_rows(spec, [0, 1])
+    cfg2 = cfg.replace(folds=(0, 1))
+    note = report.star_note(cfg2, report.significance(cfg2, two, per_volume))
+    assert "No star is possible" in note and "0.167" in note
+    assert "No star is possible" not in report.star_note(cfg, tests)
+
+
 def test_fig5_data_joins_table3_runs_at_single_t():
     cfg = _cfg(models=("ddpm", "cddpm"), t_test_sweep=(250, 500))
     recs = []

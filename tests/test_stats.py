@@ -58,6 +58,33 @@ def test_stars_only_when_all_baselines_beaten():
     assert only_weak["star"].iloc[0]
 
 
+@pytest.mark.parametrize("n,m", [(2, 2), (3, 3), (5, 5), (5, 1), (2, 1)])
+@pytest.mark.parametrize("alternative", ["greater", "two-sided"])
+def test_min_p_value_is_the_exact_tests_floor(n, m, alternative):
+    # the most extreme possible data: every target score above every baseline score
+    x, y = np.arange(n) + 100.0, np.arange(m) * 1.0
+    func = {"greater": "x_mean > y_mean", "two-sided": "x_mean != y_mean"}[alternative]
+    exact = mlxtend_test(x, y, func=func, method="exact")
+    assert stats.min_p_value(n, m, alternative) == pytest.approx(exact)
+
+
+def test_constant_baseline_counts_once_per_target_fold():
+    rows = [{"row": "best", "fold": f, "dataset": "D", "metric": "DICE", "value": 60 + f * 0.1} for f in range(5)]
+    rows += [{"row": "Thresh", "fold": 0, "dataset": "D", "metric": "DICE", "value": 20.0}]
+    df = pd.DataFrame(rows)
+    once = stats.compare_with_baselines(df, "best", ["Thresh"], rounds=2000).iloc[0]
+    assert once["n_baseline"] == 1 and not once["significant"]  # 5 values against 1 cannot reach 0.05
+    assert once["min_p_value"] == pytest.approx(1 / 6)
+    assert not stats.stars(pd.DataFrame([once]))["possible"].iloc[0]
+    const = stats.compare_with_baselines(df, "best", ["Thresh"], rounds=2000, constant_baselines=["Thresh"]).iloc[0]
+    assert const["n_baseline"] == 5 and const["significant"] and const["min_p_value"] == pytest.approx(1 / 252)
+    star = stats.stars(pd.DataFrame([const]))
+    assert star["star"].iloc[0] and star["possible"].iloc[0]
+    varied = pd.concat([df, pd.DataFrame([{**rows[-1], "fold": 1, "value": 21.0}])])
+    with pytest.raises(ValueError, match="declared constant"):
+        stats.compare_with_baselines(varied, "best", ["Thresh"], constant_baselines=["Thresh"])
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="alternative"):
         stats.permutation_test(X, Y, alternative="bigger")
