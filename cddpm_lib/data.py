@@ -25,6 +25,7 @@ the model's random numbers.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -76,17 +77,29 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def select_rows(df: pd.DataFrame, *, dataset: str, split: str, fold: int | None, weighting: str,
                 where: str = "manifest") -> pd.DataFrame:
-    """Rows of ``dataset``/``split`` (and ``fold`` unless None) that have a ``weighting`` image and a mask."""
+    """Rows of ``dataset``/``split`` (and ``fold`` unless None) that have a ``weighting`` image, each with a mask.
+
+    Subjects without a ``weighting`` image are left out with a warning naming them: the published IXI split lists
+    subjects whose T2 does not exist (``has_t2 = 0``), which the T1 models use and the T2 models cannot. A subject
+    with the image but without a brain mask is an error (its preprocessing did not finish).
+    """
     rows = df[(df["dataset"] == dataset) & (df["split"] == split)]
     if fold is not None:
         rows = rows[rows["fold"] == int(fold)]
     if rows.empty:
         folds = sorted(df.loc[(df["dataset"] == dataset) & (df["split"] == split), "fold"].unique().tolist())
         raise ValueError(f"{where}: no {dataset} {split} rows for fold {fold}; folds present: {folds}")
-    for col in (weighting, "brain_mask"):
-        empty = rows.loc[rows[col] == "", "subject_id"].tolist()
-        if empty:
-            raise ValueError(f"{where}: {dataset} {split} subject(s) {empty[:5]} have no {col!r} file")
+    lacking = rows.loc[rows[weighting] == "", "subject_id"].tolist()
+    if len(lacking) == len(rows):
+        raise ValueError(f"{where}: none of the {len(rows)} {dataset} {split} subject(s) (fold {fold}) has a "
+                         f"{weighting!r} file")
+    if lacking:
+        warnings.warn(f"{where}: {len(lacking)} {dataset} {split} subject(s) (fold {fold}) without a {weighting!r} "
+                      f"image left out: {lacking[:10]}", stacklevel=2)
+        rows = rows[rows[weighting] != ""]
+    empty = rows.loc[rows["brain_mask"] == "", "subject_id"].tolist()
+    if empty:
+        raise ValueError(f"{where}: {dataset} {split} subject(s) {empty[:5]} have no 'brain_mask' file")
     return rows.reset_index(drop=True)
 
 

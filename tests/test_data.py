@@ -38,9 +38,23 @@ def test_selection_errors_name_the_problem(manifest):
     df = data.read_manifest(manifest)
     with pytest.raises(ValueError, match=r"no IXI train rows for fold 4; folds present: \[0, 1\]"):
         data.select_rows(df, dataset="IXI", split="train", fold=4, weighting="t2")
-    df.loc[0, "t1"] = ""
-    with pytest.raises(ValueError, match="no 't1' file"):
-        data.select_rows(df, dataset="IXI", split=df.loc[0, "split"], fold=0, weighting="t1")
+    df.loc[0, "brain_mask"] = ""
+    with pytest.raises(ValueError, match="have no 'brain_mask' file"):
+        data.select_rows(df, dataset="IXI", split=df.loc[0, "split"], fold=int(df.loc[0, "fold"]), weighting="t1")
+
+
+def test_subjects_without_the_weighting_are_left_out_with_a_warning(manifest):
+    df = data.read_manifest(manifest)
+    train = df[(df["split"] == "train") & (df["fold"] == 0)]
+    df.loc[train.index[0], "t2"] = ""  # like the IXI subjects of the published split without a T2 scan
+    with pytest.warns(UserWarning, match=rf"1 IXI train subject\(s\) \(fold 0\) without a 't2' image left out: "
+                                         rf"\['{train['subject_id'].iloc[0]}'\]"):
+        rows = data.select_rows(df, dataset="IXI", split="train", fold=0, weighting="t2")
+    assert len(rows) == len(train) - 1 and (rows["t2"] != "").all()
+    assert len(data.select_rows(df, dataset="IXI", split="train", fold=0, weighting="t1")) == len(train)
+    df.loc[train.index, "t2"] = ""
+    with pytest.raises(ValueError, match=r"none of the 4 IXI train subject\(s\) \(fold 0\) has a 't2' file"):
+        data.select_rows(df, dataset="IXI", split="train", fold=0, weighting="t2")
 
 
 def test_cohort_slices_match_nibabel(manifest, cohort):
