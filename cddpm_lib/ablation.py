@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 
@@ -28,6 +28,8 @@ from .volumes import save_dataframe
 @dataclasses.dataclass(frozen=True)
 class PostprocessingAblationConfig(StageConfig):
     """Stage ``postprocessing_ablation`` (notebook 07); post-processing defaults as stage 06 (paper §4.3)."""
+
+    STAGE: ClassVar[str] = "postprocessing_ablation"  # profiles/<STAGE>.yaml resolves None parameters
 
     profile: str = "quick"
     source: str = "synthetic"

@@ -90,6 +90,9 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
 class StageConfig:
     """Base of every stage's config. Subclasses are ``@dataclass(frozen=True)`` with annotated fields."""
 
+    #: the stage whose ``profiles/<STAGE>.yaml`` resolves parameters left at ``None`` (:meth:`from_namespace`)
+    STAGE: typing.ClassVar[str | None] = None
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -117,8 +120,24 @@ class StageConfig:
 
     @classmethod
     def from_namespace(cls, namespace: Mapping[str, Any]):
-        """Build from a notebook's globals: picks exactly this config's field names (missing ones keep defaults)."""
-        return cls(**{k: namespace[k] for k in cls.field_names() if k in namespace})
+        """Build from a notebook's globals: picks exactly this config's field names (missing ones keep defaults).
+
+        With a :attr:`STAGE`, a parameter left at ``None`` (or absent) takes the value the namespace's ``profile``
+        gives it in ``profiles/<STAGE>.yaml``, else the default (the paper's). So a notebook opened in JupyterLab
+        runs the profile it names; the pipeline passes every value explicitly, and a value typed into the cell
+        wins.
+        """
+        given = {k: namespace[k] for k in cls.field_names() if k in namespace}
+        if cls.STAGE is None:
+            return cls(**given)
+        from .paths import check_profile
+
+        profile = given.get("profile") or next(f.default for f in dataclasses.fields(cls) if f.name == "profile")
+        if not isinstance(profile, str):
+            raise ConfigError(f"parameter 'profile': expected a profile name, got {profile!r}")
+        fields = set(cls.field_names())  # a profile may also set the notebook's own display parameters
+        from_profile = {k: v for k, v in profile_params(cls.STAGE, check_profile(profile)).items() if k in fields}
+        return cls.from_params({**from_profile, **{k: v for k, v in given.items() if v is not None}})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

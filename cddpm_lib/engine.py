@@ -33,6 +33,7 @@ import importlib.util
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -201,7 +202,8 @@ def _resumable(run_dir: Path, record: dict, log) -> dict[str, Any] | None:
     new = {k: v for k, v in record.items() if k not in RUNTIME_FIELDS}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        log(f"{path}: written with different settings ({', '.join(diff)}); starting a new run over it")
+        log(f"{path}: written with different settings ({', '.join(diff)}); starting a new run (the earlier run's "
+            f"files move to {run_dir / SUPERSEDED})")
         return None
     return ckpt
 
@@ -272,13 +274,33 @@ def validate(model: UADModel, loader, *, seed: int, device: torch.device, amp: s
     return float(total[0] / total[1])
 
 
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "encoder.pt")  # encoder.pt: SparK's output
+SUPERSEDED = "superseded"
+
+
+def supersede(run_dir: Path) -> Path | None:
+    """Move an earlier run's files (:data:`RUN_FILES`) into ``run_dir/superseded/`` before a new run starts over
+    it (other settings or inputs), replacing what an even earlier run left there: the last replaced run can still
+    be restored by hand, and the disk holds at most one extra run. Returns the folder, or None when there was no
+    run."""
+    present = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
+    if not any(p.name in ("best.pt", "last.pt") for p in present):
+        return None
+    dest = run_dir / SUPERSEDED
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for p in present:
+        os.replace(p, dest / p.name)
+    return dest
+
+
 def _restore(ckpt, model, optimizers, scaler, run_dir: Path, seed: int, ctx: DistContext):
     """Load ``ckpt`` (``last.pt``) into the run, or clear a new run's folder; set the RNGs for the start step.
     Returns ``(start step, best validation loss, its step, history rows, elapsed training seconds)``."""
     if ckpt is None:
-        if ctx.rank == 0:  # a new run: outputs of an earlier one with other settings must not survive
-            for name in ("best.pt", "last.pt", "history.csv"):
-                (run_dir / name).unlink(missing_ok=True)
+        if ctx.rank == 0:  # a new run: the earlier run's outputs move aside, where nothing reads them as this run's
+            supersede(run_dir)
         _reseed(seed, 0, ctx.rank)
         return 0, math.inf, 0, [], 0.0
     model.load_state_dict(ckpt["model"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,8 @@ PAPER_RATIOS_IXI: dict[float, float] = {1.0: KLD_RATIOS["original"], 0.5: KLD_RA
 @dataclasses.dataclass(frozen=True)
 class DomainShiftConfig(StageConfig):
     """Notebook 05 (Fig. 3, KLD ratios). Defaults: the paper's settings."""
+
+    STAGE: ClassVar[str] = "domain_shift"  # profiles/<STAGE>.yaml resolves None parameters
 
     profile: str = "quick"
     source: str = "synthetic"

@@ -15,14 +15,13 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from . import paths
-from .config import profile_params
 from .datasets import DATASETS, HEALTHY, WEIGHTING_OF
 from .synthetic import SyntheticConfig
 from .volumes import save_dataframe, save_json
@@ -290,19 +289,14 @@ class DataConfig(SyntheticConfig):
     source: Literal["synthetic", "real"] = "real"
     split: Literal["official", "leak_free"] = "official"
     allow_missing: bool = False
+    #: ``from_namespace``: parameters left at ``None`` take ``profiles/data.yaml``'s value (``papermill -p profile
+    #: smoke`` alone gives the smoke cohort)
+    STAGE: ClassVar[str] = "data"
 
     def validate(self) -> None:
         super().validate()
         paths.check_profile(self.profile)
 
-    @classmethod
-    def from_namespace(cls, namespace):
-        """From a notebook's globals: parameters left at ``None`` take the profile's value
-        (``profiles/data.yaml``), then the default — so ``papermill -p profile smoke`` alone gives the smoke
-        cohort."""
-        given = {k: namespace[k] for k in cls.field_names() if k in namespace and namespace[k] is not None}
-        profile = given.get("profile", cls.profile)
-        return cls.from_params({**profile_params("data", paths.check_profile(profile)), **given})
 
 
 def data_info_path(source: str, profile: str) -> Path:

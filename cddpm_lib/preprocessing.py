@@ -57,7 +57,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import manifests, paths
-from .config import ConfigError, StageConfig, profile_params
+from .config import ConfigError, StageConfig
 from .volumes import load_nifti, save_dataframe, save_json, save_nifti
 
 WEIGHTINGS = ("t1", "t2")
@@ -83,8 +83,11 @@ class PreprocessConfig(StageConfig):
     """Stage ``preprocessing`` (notebook ``01_preprocessing.ipynb``); defaults are paper §4.2.
 
     The final shape is ``pad_shape // downsample`` minus ``drop_slices`` axial slices (paper 96×96×50).
+    ``from_namespace``: parameters left at ``None`` take ``profiles/preprocessing.yaml``'s value (``papermill -p
+    profile smoke`` alone is a smoke run).
     """
 
+    STAGE: ClassVar[str] = "preprocessing"
     profile: str = "paper"
     source: str = "real"
     spacing_mm: float = 1.0  # isotropic working resolution, paper: 1 mm
@@ -125,14 +128,6 @@ class PreprocessConfig(StageConfig):
             raise ConfigError("registration_sampling in (0, 1], n4_shrink >= 1 and n_jobs >= 1 are required")
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ConfigError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
-
-    @classmethod
-    def from_namespace(cls, namespace):
-        """From a notebook's globals: parameters left at ``None`` take the profile's value
-        (``profiles/preprocessing.yaml``), then the default — ``papermill -p profile smoke`` alone is a smoke run."""
-        given = {k: namespace[k] for k in cls.field_names() if k in namespace and namespace[k] is not None}
-        profile = paths.check_profile(given.get("profile", cls.profile))
-        return cls.from_params({**profile_params("preprocessing", profile), **given})
 
     @property
     def output_shape(self) -> tuple[int, int, int]:

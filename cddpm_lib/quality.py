@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -152,6 +152,8 @@ def volume_quality(image: np.ndarray, recon: np.ndarray, brain_mask: np.ndarray,
 @dataclasses.dataclass(frozen=True)
 class ReconstructionQualityConfig(StageConfig):
     """Notebook 04 (Table 2 and Fig. 2). Defaults: the paper's settings."""
+
+    STAGE: ClassVar[str] = "reconstruction_quality"  # profiles/<STAGE>.yaml resolves None parameters
 
     profile: str = "quick"
     source: str = "synthetic"

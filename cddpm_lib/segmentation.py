@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,8 @@ def postprocessing_spec(cfg) -> PostprocessingSpec:
 @dataclasses.dataclass(frozen=True)
 class SegmentationConfig(StageConfig):
     """Stage ``segmentation`` (notebook 06); defaults are the paper's settings (§4.3, §4.4, §4.5.4)."""
+
+    STAGE: ClassVar[str] = "segmentation"  # profiles/<STAGE>.yaml resolves None parameters
 
     profile: str = "quick"
     source: str = "synthetic"

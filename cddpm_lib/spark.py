@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,8 @@ ENCODER_STRIDE = 32
 @dataclasses.dataclass(frozen=True)
 class SSLConfig(LoopConfig):
     """Stage ``ssl`` (notebook 02). Encoder fields must equal the cDDPM's (``build_cddpm``) it initialises."""
+
+    STAGE: ClassVar[str] = "ssl"  # profiles/<STAGE>.yaml resolves None parameters
 
     lr: float = 1e-4  # AdamW, SparK / authors' code
     weight_decay: float = 0.05  # AdamW, SparK / authors' code

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,8 @@ class TrainConfig(LoopConfig):
     entry of ``model`` (on top of the builder's defaults). ``ssl``: initialise the cDDPM encoder with the
     SparK-pretrained one (notebook 02).
     """
+
+    STAGE: ClassVar[str] = "training"  # profiles/<STAGE>.yaml resolves None parameters
 
     model: str = "cddpm"  # ddpm | cddpm | pddpm | ae | vae | svae | dae | fanogan (models.MODEL_NAMES)
     ssl: bool = False  # cDDPM only: encoder initialised by SparK (stage ssl), paper §3.3

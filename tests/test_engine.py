@@ -116,6 +116,12 @@ def test_finished_run_is_skipped_and_changed_settings_restart(tmp_path, cohorts)
     assert len(longer.history) == 3
     changed = _fit(tmp_path, cohorts, _cfg(max_steps=4, lr=1e-3))  # other lr: a new run
     assert changed.steps == 4 and torch.load(tmp_path / "last.pt", weights_only=True)["config"]["lr"] == 1e-3
+    # the replaced run is kept aside, not deleted (one generation)
+    old = tmp_path / engine.SUPERSEDED
+    assert {"best.pt", "last.pt", "history.csv", "config.json"} <= {p.name for p in old.iterdir()}
+    assert torch.load(old / "last.pt", weights_only=True)["config"]["lr"] == 3e-3
+    _fit(tmp_path, cohorts, _cfg(max_steps=4, lr=2e-3))
+    assert torch.load(old / "last.pt", weights_only=True)["config"]["lr"] == 1e-3
 
 
 def test_other_data_or_inputs_start_a_new_run(tmp_path, cohorts):
