@@ -264,7 +264,8 @@ def test_config_rejects_bad_values_and_matches_notebook():
     import ast
 
     defaults = {k: ast.literal_eval(v["default"]) for k, v in params.items()}
-    assert Q.ReconstructionQualityConfig.from_namespace({**defaults, "profile": "paper"}) == Q.ReconstructionQualityConfig(profile="paper")
+    paper = Q.ReconstructionQualityConfig.from_namespace({**defaults, "profile": "paper"})
+    assert paper == Q.ReconstructionQualityConfig(profile="paper")
 
 
 def test_figure2_inputs_pick_largest_brain_slice(tmp_path, monkeypatch):
