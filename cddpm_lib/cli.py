@@ -71,20 +71,28 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import STAGES
+
     p = argparse.ArgumentParser(prog="cddpm-uad", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("reproduce", help="run the paper's pipeline (papermill DAG) and build the report")
     r.add_argument("--profile", default="quick", choices=paths.PROFILES)
-    r.add_argument("-j", "--jobs", type=int, default=1, help="independent runs (folds, models) in parallel")
-    r.add_argument("--force", action="append", metavar="STAGE", help="rerun STAGE even if up to date")
-    r.add_argument("--only", action="append", metavar="STAGE", help="run only these stages")
-    r.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a notebook parameter")
+    stages = ", ".join(STAGES)
+    r.add_argument("-j", "--jobs", type=int, default=1,
+                   help="SSL and training runs (folds, models) side by side (default: 1; `make reproduce` passes 2)")
+    r.add_argument("--force", action="append", metavar="STAGE", help=f"rerun STAGE even if up to date ({stages})")
+    r.add_argument("--only", action="append", metavar="STAGE", help=f"run only these stages ({stages})")
+    r.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE",
+                   help="override a notebook parameter, e.g. training.max_steps=2000 or data.split=leak_free "
+                        "(VALUE read as YAML); an unknown stage or parameter is an error")
     r.set_defaults(func=cmd_reproduce)
 
     v = sub.add_parser("validate", help="check a manifest's files; lists all problems at once")
     v.add_argument("manifest")
-    v.add_argument("--root", help="folder relative paths are resolved against (default: the manifest's folder)")
+    v.add_argument("--root", help="folder the manifest's relative paths are resolved against (default: "
+                                  "$CDDPM_REAL_DATA for the shipped data_manifests/*.csv, which then must be set; "
+                                  "the manifest's own folder for any other manifest)")
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("score", help="anomaly map and segmentation of one scan with a trained model")

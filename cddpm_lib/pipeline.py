@@ -94,12 +94,24 @@ def _params(stage: str, profile: str, overrides: dict[str, dict[str, Any]], **ex
     return params
 
 
+def check_override_stages(overrides: dict[str, dict[str, Any]]) -> None:
+    """Every ``--set STAGE.PARAM=VALUE`` must name a stage with a notebook: a misspelt stage
+    (``trainig.max_steps``) would otherwise match no node and be dropped without a word, and the run would go on
+    with the profile's value. (Unknown parameter names are caught per notebook by :func:`check_parameters`.)"""
+    unknown = sorted(set(overrides) - set(STAGE_NOTEBOOKS))
+    if unknown:
+        raise ConfigError(f"--set: unknown stage(s) {unknown}; parameters can be set for the stages "
+                          f"{', '.join(STAGE_NOTEBOOKS)} (as STAGE.PARAM=VALUE, e.g. training.max_steps=200)")
+
+
 def build_dag(profile: str, overrides: dict[str, dict[str, Any]] | None = None) -> list[Node]:
     """All nodes for ``profile`` in a valid execution order.
 
-    ``overrides``: ``{stage: {param: value}}`` applied on top of the profile (command line ``--set``).
+    ``overrides``: ``{stage: {param: value}}`` applied on top of the profile (command line ``--set``); a stage
+    without a notebook is a :class:`ConfigError` (:func:`check_override_stages`).
     """
     overrides = overrides or {}
+    check_override_stages(overrides)
     s = pipeline_settings(profile)
     source = s["source"]
     nodes: list[Node] = []

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import csv as csv_module
 import html
 import json
 import os
@@ -36,6 +37,16 @@ KNOWN_FIGURES: tuple[tuple[str, str], ...] = (
     ("fig6", "Fig. 6 — residual maps of all models"),
     ("table4", "Table 4 — post-processing deltas"),
 )
+#: results CSVs with more rows than this are linked under "Raw data" instead of shown: per-volume and index tables
+#: (thousands of rows at the quick profile, millions at the paper's) would make the page tens to hundreds of MB
+MAX_INLINE_ROWS = 200
+#: what the column suffixes of the side-by-side tables (``tables.to_wide``, ``ablation``) mean
+COLUMN_LEGEND = (
+    "Columns: <code>±</code> standard deviation over folds; <code>*</code> marks a statistically significant "
+    "result (the test is named in the table's Markdown); <code>paper</code> the paper's value; <code>Δ</code> "
+    "reproduced − paper. Table 4 also has <code>delta</code> (reproduced: this post-processing − the full pipeline) "
+    "and <code>paper_delta</code> (the same difference in the paper).")
+SPAN_COLUMN = "span s (first start → last finish)"
 PACKAGES = ("torch", "numpy", "scipy", "pandas", "torchio", "SimpleITK", "nibabel", "nilearn", "scikit-learn",
             "scikit-image", "mlxtend", "papermill", "deepbet", "cddpm-uad")
 
@@ -90,18 +101,20 @@ def _data_info(profile: str, source: str | None) -> dict[str, Any]:
 
 def _stage_times(log: dict[str, Any]) -> pd.DataFrame:
     """Per stage: runs, summed notebook seconds and, where the log has finish times, the wall-clock span from
-    the first run's start to the last run's finish (shorter than the sum when runs went side by side)."""
+    the stage's first run's start to its last run's finish (:data:`SPAN_COLUMN`). The span is shorter than the sum
+    when the stage's runs went side by side, and longer than the stage's own work when runs of other stages went in
+    between (SSL and training runs interleave), so it is labelled as a span, not as the stage's time."""
     nodes = log.get("nodes", {})
     if not nodes:
-        return pd.DataFrame(columns=["stage", "runs", "seconds", "wall seconds"])
+        return pd.DataFrame(columns=["stage", "runs", "seconds", SPAN_COLUMN])
     df = pd.DataFrame([{"stage": v.get("stage", k), "seconds": float(v.get("seconds", 0.0)),
                         "finished": float(v.get("finished", np.nan)), "status": v.get("status", "")}
                        for k, v in nodes.items()])
     df["started"] = df["finished"] - df["seconds"]
     out = df.groupby("stage", sort=False).agg(runs=("seconds", "size"), seconds=("seconds", "sum"),
                                               started=("started", "min"), finished=("finished", "max"))
-    out["wall seconds"] = out["finished"] - out["started"]
-    return out.drop(columns=["started", "finished"]).reset_index().round({"seconds": 1, "wall seconds": 1})
+    out[SPAN_COLUMN] = out["finished"] - out["started"]
+    return out.drop(columns=["started", "finished"]).reset_index().round({"seconds": 1, SPAN_COLUMN: 1})
 
 
 def _wall_span(log: dict[str, Any]) -> float | None:
@@ -111,28 +124,60 @@ def _wall_span(log: dict[str, Any]) -> float | None:
     return max(f for _, f in spans) - min(s for s, _ in spans) if spans else None
 
 
-def _results_sections(results: Path) -> list[str]:
-    parts = []
+def _results_sections(results: Path, max_rows: int = MAX_INLINE_ROWS) -> tuple[list[str], list[str], list[str]]:
+    """HTML of the results CSVs: ``(paper tables, other results, raw data)``. The paper's tables
+    (:data:`KNOWN_RESULTS`) and the other CSVs of at most ``max_rows`` rows are shown; larger ones (per-volume
+    scores, reconstruction indexes) are only linked, with their size, under "Raw data"."""
+    tables, others, raw = [], [], []
     shown = set()
     csvs = sorted(results.glob("*.csv")) if results.exists() else []
     for stem, title in KNOWN_RESULTS:
         for csv in [c for c in csvs if c.stem == stem or c.stem.startswith(stem + "_")]:
-            parts.append(_csv_section(csv, title if csv.stem == stem else f"{title} ({csv.stem})"))
+            _place(csv, title if csv.stem == stem else f"{title} ({csv.stem})", tables, raw, max_rows)
             shown.add(csv)
     for csv in csvs:
         if csv not in shown:
-            parts.append(_csv_section(csv, csv.stem.replace("_", " ")))
-    if not parts:
-        parts.append('<p class="note">No results were written yet.</p>')
-    return parts
+            _place(csv, csv.stem.replace("_", " "), others, raw, max_rows)
+    if not tables and not others and not raw:
+        tables.append('<p class="note">No results were written yet.</p>')
+    return tables, others, raw
 
 
-def _csv_section(csv: Path, title: str) -> str:
+def _count_rows(csv: Path) -> int:
+    """Data rows of a CSV, streamed (a paper-size per-volume table is not loaded to be counted)."""
+    with csv.open(newline="") as f:
+        return max(0, sum(1 for _ in csv_module.reader(f)) - 1)
+
+
+def _place(csv: Path, title: str, shown: list[str], raw: list[str], max_rows: int) -> None:
+    """Append ``csv``'s section to ``shown`` when it has at most ``max_rows`` rows, else its link to ``raw``."""
     try:
-        df = pd.read_csv(csv)
+        df = pd.read_csv(csv, nrows=max_rows + 1)
     except Exception as exc:
-        return f"<h3>{html.escape(title)}</h3><p class='note'>{html.escape(csv.name)} unreadable: {exc}</p>"
-    table = df.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0)
+        shown.append(f"<h3>{html.escape(title)}</h3><p class='note'>{html.escape(csv.name)} unreadable: "
+                     f"{html.escape(str(exc))}</p>")
+        return
+    if len(df) <= max_rows:
+        shown.append(_csv_section(csv, title, df))
+        return
+    size = csv.stat().st_size
+    size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{max(1, round(size / 1e3))} kB"
+    raw.append(f"<li>{html.escape(title)}: {_count_rows(csv):,} rows, {size_text} — "
+               f"<a href='../results/{html.escape(csv.name)}'>CSV</a></li>")
+
+
+def _display(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` for reading: the significance columns (``… *``, True/False) as ``*`` or blank."""
+    out = df.copy()
+    for col in out.columns:
+        values = out[col].dropna()
+        if str(col).endswith("*") and len(values) and all(isinstance(v, (bool, np.bool_)) for v in values):
+            out[col] = ["*" if isinstance(v, (bool, np.bool_)) and v else "" for v in out[col]]
+    return out
+
+
+def _csv_section(csv: Path, title: str, df: pd.DataFrame) -> str:
+    table = _display(df).to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0)
     md = csv.with_suffix(".md")
     link = f' · <a href="../results/{md.name}">Markdown</a>' if md.exists() else ""
     return (f"<h3>{html.escape(title)}</h3><p><a href='../results/{csv.name}'>CSV</a>{link}</p>{table}")
@@ -191,6 +236,7 @@ def build_report(profile: str, source: str | None = None) -> Path:
     notebooks = render_notebooks(profile)
     data = _data_info(profile, source)
     times = _stage_times(log)
+    tables, others, raw = _results_sections(paths.results_dir(profile))
     total = float(times["seconds"].sum()) if len(times) else 0.0
     synthetic = str(data.get("source", "")).lower() == "synthetic"
     caveat = (
@@ -203,9 +249,16 @@ def build_report(profile: str, source: str | None = None) -> Path:
         "with Conditioned Diffusion Models for Unsupervised Anomaly Detection in Brain MRIs</i> (2023).</p>",
         caveat,
         "<h2>Data and profile</h2>", _kv_table(data),
-        "<h2>Tables (reproduced vs paper)</h2>", *_results_sections(paths.results_dir(profile)),
+        "<h2>Tables (reproduced vs paper)</h2>", f"<p>{COLUMN_LEGEND}</p>", *tables,
+        *(["<h2>Other results</h2>", *others] if others else []),
         "<h2>Figures</h2>", *_figure_sections(paths.figures_dir(profile)),
+        *(["<h2>Raw data</h2>", f"<p>Tables of more than {MAX_INLINE_ROWS} rows (per volume, per run), linked "
+           "rather than shown:</p><ul>", *raw, "</ul>"] if raw else []),
         "<h2>Wall time per stage</h2>", times.to_html(index=False, border=0, na_rep="–"),
+        f"<p><i>seconds</i>: the stage's notebook time, summed over its runs. <i>{html.escape(SPAN_COLUMN)}</i>: "
+        "wall clock from the stage's first run's start to its last run's finish; runs side by side make it shorter "
+        "than the sum, and runs of other stages in between (SSL and training interleave) make it longer than the "
+        "stage's own work.</p>",
         f"<p>Total notebook time: {total / 60:.1f} min{_wall_text(_wall_span(log))}.</p>",
         "<h2>Environment</h2>", _kv_table(_hardware()), _kv_table(_versions()),
         "<h2>Executed notebooks</h2><ul>",

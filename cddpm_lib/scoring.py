@@ -15,8 +15,10 @@ where it came from, lesion volume, model, test-time settings, preprocessing QC) 
 mask, reconstruction, anomaly map, segmentation and the registration transform.
 
 The threshold is ``threshold`` when given, else the one the segmentation stage chose on the validation set for the
-same model, fold and test-time variant (``runs/<profile>/results/segmentation_runs.csv``) of the data set named by
-``threshold_dataset`` (required when the stage chose one per evaluation set, e.g. BraTS21 and MSLUB for T2).
+same model, fold and test-time variant of the data set named by ``threshold_dataset`` (required when the stage chose
+one per evaluation set, e.g. BraTS21 and MSLUB for T2). It is read from the run that holds the checkpoint
+(``<run>/checkpoints/<model_id>/fold<k>/best.pt`` -> ``<run>/results/segmentation_runs.csv``), so a run folder that
+was moved or copied keeps its own thresholds instead of picking up those of whatever run ``$CDDPM_RUNS_ROOT`` holds.
 """
 from __future__ import annotations
 
@@ -44,15 +46,29 @@ class CheckpointInfo:
     profile: str | None
     model_id: str | None
     fold: int | None
+    run_dir: Path | None = None  # the run folder holding ``checkpoints/`` (``runs/<profile>``), wherever it lies
+
+    @property
+    def results_dir(self) -> Path | None:
+        """``<run>/results``: where the segmentation stage of this checkpoint's run wrote its thresholds."""
+        return self.run_dir / "results" if self.run_dir is not None else None
+
+    @property
+    def weighting(self) -> str | None:
+        """The weighting the model was trained on, from the model id's suffix (``cddpm-ssl_t2`` -> ``t2``)."""
+        suffix = (self.model_id or "").rpartition("_")[2]
+        return suffix if suffix in WEIGHTINGS else None
 
 
 def checkpoint_info(checkpoint: Path) -> CheckpointInfo:
-    """Profile, model id and fold read from the checkpoint's path (``None`` where the path does not follow the
-    run layout, e.g. a checkpoint copied elsewhere)."""
-    parts = checkpoint.resolve().parts
+    """Profile, model id, fold and run folder read from the checkpoint's path (``None`` where the path does not
+    follow the run layout, e.g. a checkpoint copied elsewhere; the profile also where the run folder is not named
+    after one)."""
+    path = checkpoint.resolve()
+    parts = path.parts
     if len(parts) >= 5 and parts[-4] == "checkpoints" and parts[-2].startswith("fold") and parts[-2][4:].isdigit():
         profile = parts[-5] if parts[-5] in paths.PROFILES else None
-        return CheckpointInfo(profile, parts[-3], int(parts[-2][4:]))
+        return CheckpointInfo(profile, parts[-3], int(parts[-2][4:]), path.parents[3])
     return CheckpointInfo(None, None, None)
 
 
@@ -74,9 +90,11 @@ def _variant(model_name: str, t_test: Sequence[int] | None, default: str) -> tup
     return (f"t{ts[0]}" if len(ts) == 1 else "custom"), {"t_test": ts[0] if len(ts) == 1 else ts}
 
 
-def _stage_runs(profile: str, model_id: str | None, fold: int | None) -> tuple[pd.DataFrame, Path]:
-    """Rows of ``segmentation_runs.csv`` (the segmentation stage's thresholds) for this model and fold."""
-    csv = paths.results_dir(profile) / "segmentation_runs.csv"
+def _stage_runs(profile: str, model_id: str | None, fold: int | None,
+                results: Path | None = None) -> tuple[pd.DataFrame, Path]:
+    """Rows of ``segmentation_runs.csv`` (the segmentation stage's thresholds) for this model and fold, read from
+    ``results`` (the checkpoint's run, :attr:`CheckpointInfo.results_dir`), else from ``runs/<profile>/results``."""
+    csv = Path(results if results is not None else paths.results_dir(profile)) / "segmentation_runs.csv"
     if model_id is None or fold is None:
         raise ScoringError("no threshold given and the checkpoint is not inside a run folder "
                            "(runs/<profile>/checkpoints/<model_id>/fold<k>/); pass --threshold")
@@ -89,11 +107,12 @@ def _stage_runs(profile: str, model_id: str | None, fold: int | None) -> tuple[p
     return runs[(runs["model_id"] == model_id) & (runs["fold"] == fold)], csv
 
 
-def stage_variant(profile: str, model_id: str | None, fold: int | None) -> str | None:
+def stage_variant(profile: str, model_id: str | None, fold: int | None, results: Path | None = None) -> str | None:
     """The test-time variant the segmentation stage evaluated this model with in Table 3 (e.g. ``t500`` for the
-    cDDPM without SSL, ``ens`` for cDDPM+SSL+ENS), or ``None`` when the stage has no (single) one."""
+    cDDPM without SSL, ``ens`` for cDDPM+SSL+ENS), or ``None`` when the stage has no (single) one.
+    ``results``: the run's results folder (default ``runs/<profile>/results``)."""
     try:
-        runs, _ = _stage_runs(profile, model_id, fold)
+        runs, _ = _stage_runs(profile, model_id, fold, results)
     except ScoringError:
         return None
     variants = list(dict.fromkeys(runs["variant"]))
@@ -101,13 +120,15 @@ def stage_variant(profile: str, model_id: str | None, fold: int | None) -> str |
 
 
 def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str,
-                         dataset: str | None = None) -> tuple[float, str]:
-    """Threshold the segmentation stage chose on ``dataset``'s validation set for this model/fold/variant.
+                         dataset: str | None = None, results: Path | None = None) -> tuple[float, str]:
+    """Threshold the segmentation stage chose on ``dataset``'s validation set for this model/fold/variant, and
+    where it came from (the CSV's full path, the data set and the search method).
 
     Thresholds are data-set specific (a tumour threshold is not a lesion threshold), so when the stage chose one
     per evaluation set of the weighting (T2: BraTS21, MSLUB; T1: ATLAS, WMH) ``dataset`` must say which.
+    ``results``: the run's results folder (default ``runs/<profile>/results``).
     """
-    runs, csv = _stage_runs(profile, model_id, fold)
+    runs, csv = _stage_runs(profile, model_id, fold, results)
     hit = runs[runs["variant"] == variant]
     if hit.empty:
         have = sorted(set(runs["variant"]))
@@ -125,7 +146,55 @@ def validation_threshold(profile: str, model_id: str | None, fold: int | None, v
                            f"(model {model_id!r}, fold {fold}, variant {variant!r})")
     chosen = dataset or next(iter(choices))
     row = hit[hit["dataset"] == chosen].iloc[0]
-    return float(row["threshold"]), f"{csv.name}: validation on {chosen} ({row['threshold_method']})"
+    return float(row["threshold"]), f"{csv}: validation on {chosen} ({row['threshold_method']})"
+
+
+def _load_checkpoint(checkpoint: Path):
+    """:func:`cddpm_lib.models.load_model` with errors that say what the file is. torch's own message for a file
+    that is not a checkpoint (a NIfTI scan passed as ``--checkpoint``) is advice to load it with
+    ``weights_only=False``, which is wrong here: the kit's checkpoints hold tensors and plain types only."""
+    import pickle
+    import zipfile
+
+    from .models import load_model
+
+    where = "pass the best.pt the training stage wrote under runs/<profile>/checkpoints/<model_id>/fold<k>/"
+    if checkpoint.is_dir():
+        raise ScoringError(f"checkpoint {checkpoint} is a folder; {where}")
+    try:
+        return load_model(checkpoint)
+    except FileNotFoundError as exc:
+        raise ScoringError(str(exc)) from exc
+    except Exception as exc:  # torch.load raises pickle, zip and OS errors for files that are not checkpoints
+        if "not a cddpm-uad checkpoint" in str(exc):  # load_model's check of the keys
+            raise ScoringError(f"checkpoint {exc}; {where}") from exc
+        if not zipfile.is_zipfile(checkpoint) or isinstance(exc, pickle.UnpicklingError):
+            why = ("not a file written by torch.save" if not zipfile.is_zipfile(checkpoint) else
+                   "it holds Python objects other than tensors and plain containers")
+            raise ScoringError(f"checkpoint {checkpoint} cannot be loaded: not a cddpm-uad checkpoint ({why}); "
+                               f"{where}") from exc
+        lines = str(exc).strip().splitlines()
+        raise ScoringError(f"checkpoint {checkpoint} cannot be loaded: {type(exc).__name__}: "
+                           f"{lines[0] if lines else ''}") from exc
+
+
+def _check_weighting(weighting: str, checkpoint: Path, info: CheckpointInfo) -> None:
+    """A scan of the other weighting would be reconstructed by a model that never saw its contrast, and scored
+    against a threshold of the other evaluation sets: refuse it when the checkpoint's weighting is known (its
+    model id, else the ``config.json`` the training stage writes beside it)."""
+    import json
+
+    trained, source = info.weighting, f"model id {info.model_id!r}"
+    config = checkpoint.parent / "config.json"
+    if trained is None and config.is_file():
+        try:
+            trained, source = json.loads(config.read_text()).get("weighting"), str(config)
+        except (OSError, ValueError, AttributeError):
+            trained = None
+    if trained in WEIGHTINGS and trained != weighting:
+        raise ScoringError(f"--weighting {weighting} but the checkpoint was trained on {trained.upper()} scans "
+                           f"({source}); score a {trained.upper()} scan with it (--weighting {trained}), or pass "
+                           f"a checkpoint of a {weighting.upper()} model (model id ending in _{weighting})")
 
 
 def _load_scan(scan: Path) -> None:
@@ -159,7 +228,6 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
-    from .models import load_model
     from .postprocessing import binarize
     from .preprocessing import TRANSFORM_FILE, PreprocessConfig, _load_sitk, preprocess_subject, to_native
     from .reconstruct import reconstruct_volume, subject_seed
@@ -171,11 +239,9 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     if weighting not in WEIGHTINGS:
         raise ScoringError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     _load_scan(scan)
-    try:
-        model = load_model(checkpoint)
-    except Exception as exc:  # torch.load raises pickle, zip and OS errors for files that are not checkpoints
-        raise ScoringError(f"checkpoint {checkpoint} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    model = _load_checkpoint(checkpoint)
     info = checkpoint_info(checkpoint)
+    _check_weighting(weighting, checkpoint, info)
     profile = profile or info.profile or "quick"
     try:
         paths.check_profile(profile)
@@ -189,11 +255,12 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     if tuple(model.image_size) != tuple(out_hw):
         raise ScoringError(f"the checkpoint was trained on {tuple(model.image_size)} slices but profile "
                            f"{profile!r} preprocesses to {pre_cfg.output_shape}; pass the training run's --profile")
-    default = stage_variant(profile, info.model_id, info.fold) or ("ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
+    default = stage_variant(profile, info.model_id, info.fold, info.results_dir) or (
+        "ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
     variant, recon_kwargs = _variant(model.name, t_test, default)
     if threshold is None:
         threshold, threshold_source = validation_threshold(profile, info.model_id, info.fold, variant,
-                                                           threshold_dataset)
+                                                           threshold_dataset, info.results_dir)
     else:
         threshold_source = "given (--threshold)"
 

@@ -102,10 +102,25 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise VolumeError(f"{path}: cannot be read as .npz ({type(exc).__name__}: {exc})") from exc
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf; Python or NumPy) replaced by ``None``, recursively through
+    dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """``obj`` as strict JSON, written atomically: a missing value (NaN, e.g. a QC Dice without a reference mask)
+    becomes ``null``, since the bare ``NaN`` Python writes by default is rejected by other JSON parsers; other
+    types JSON lacks (paths, NumPy scalars) are written as their ``str``."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(_json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
     return path
 
 

@@ -80,3 +80,43 @@ def test_cells_stay_thin(path):
         loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While, ast.If, ast.Try, ast.With))]
         assert not loops, f"{path.name} cell {i}: control flow belongs in cddpm_lib"
         assert len(tree.body) <= 6, f"{path.name} cell {i}: {len(tree.body)} statements; keep cells to 1–3 calls"
+
+
+def _stage_configs():
+    from cddpm_lib.ablation import PostprocessingAblationConfig
+    from cddpm_lib.histograms import DomainShiftConfig
+    from cddpm_lib.manifests import DataConfig
+    from cddpm_lib.preprocessing import PreprocessConfig
+    from cddpm_lib.quality import ReconstructionQualityConfig
+    from cddpm_lib.segmentation import SegmentationConfig
+    from cddpm_lib.spark import SSLConfig
+    from cddpm_lib.train import TrainConfig
+
+    return [DataConfig, PreprocessConfig, SSLConfig, TrainConfig, ReconstructionQualityConfig, DomainShiftConfig,
+            SegmentationConfig, PostprocessingAblationConfig]
+
+
+@pytest.mark.parametrize("config", _stage_configs(), ids=lambda c: c.STAGE)
+def test_notebook_opened_by_hand_runs_the_profile_it_names(config):
+    """In JupyterLab nothing injects the profile: every parameter a profile sets is None in the notebook, so the
+    config cell takes the named profile's value (and the paper's literal otherwise); typed values win."""
+    from cddpm_lib.config import load_stage_profiles, profile_params
+
+    path = NB_DIR / STAGE_NOTEBOOKS[config.STAGE]
+    cell = next(c for c in _cells(path) if c["cell_type"] == "code")
+    literals = {t.id: ast.literal_eval(n.value) for n in ast.parse(_src(cell)).body for t in n.targets}
+    literals.pop("n_examples", None)  # the notebook's own display setting, not the stage's
+    assert set(literals) <= set(config.field_names()), path.name
+    set_by_profiles = {k for params in load_stage_profiles(config.STAGE).values() for k in (params or {})
+                       if k in config.field_names()}  # others (n_examples) are the notebook's own display settings
+    assert all(literals[k] is None for k in set_by_profiles), \
+        f"{path.name}: {sorted(k for k in set_by_profiles if literals[k] is not None)} must be None"
+    for profile in ("smoke", "quick", "paper"):
+        built = config.from_namespace({**literals, "profile": profile})
+        from_profile = {k: v for k, v in profile_params(config.STAGE, profile).items() if k in config.field_names()}
+        expected = config.from_params({**{k: v for k, v in literals.items() if v is not None}, **from_profile,
+                                       "profile": profile})
+        assert built == expected, (path.name, profile)
+    for typed, value in (("max_steps", 3), ("folds", [0])):
+        if typed in set_by_profiles:
+            assert getattr(config.from_namespace({**literals, "profile": "quick", typed: value}), typed) in (3, (0,))

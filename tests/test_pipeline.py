@@ -170,3 +170,14 @@ def test_unknown_force_stage(fake_env):
     nb_dir, _, _ = fake_env
     with pytest.raises(ConfigError, match="unknown stage 'trianing'"):
         pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, force=["trianing"], report=False)
+
+
+def test_unknown_set_stage_is_an_error(fake_env):
+    nb_dir, log, _ = fake_env
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['report', 'trainig'\]; .*training, "):
+        pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, overrides={"trainig": {"steps": 5},
+                                                                        "report": {"x": 1}},
+                              report=False, log=lambda m: None)
+    assert not log.exists()  # refused before any notebook ran
+    nodes = pipeline.build_dag("smoke", {"training": {"steps": 5}})
+    assert next(n for n in nodes if n.stage == "training").parameters["steps"] == 5

@@ -77,3 +77,33 @@ def test_report_without_results_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
     text = report.build_report("smoke").read_text()
     assert "No results were written yet" in text and "data stage not run" in text
+
+
+def test_large_tables_are_linked_not_inlined(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("CDDPM_DATA_ROOT", str(tmp_path / "data"))
+    res = paths.results_dir("smoke")
+    res.mkdir(parents=True)
+    n = report.MAX_INLINE_ROWS + 1
+    pd.DataFrame({"subject": [f"s{i:04d}" for i in range(n)], "note": ["two\nlines"] * n,  # quoted newlines
+                  "dice": range(n)}).to_csv(res / "segmentation_per_volume.csv", index=False)
+    pd.DataFrame({"t": [100, 250], "dice": [0.1, 0.2]}).to_csv(res / "fig5_dice_vs_t.csv", index=False)
+    pd.DataFrame({"row": ["cDDPM", "DDPM"], "BraTS21 DICE": [51.2, 40.1], "BraTS21 DICE *": [True, False],
+                  "BraTS21 DICE Δ": [-0.1, 2.0]}).to_csv(res / "table3.csv", index=False)
+    (paths.run_dir("smoke") / "pipeline_log.json").write_text(json.dumps(
+        {"nodes": {"ssl/a": {"stage": "ssl", "seconds": 10.0, "status": "ran", "finished": 1010.0},
+                   "training/b": {"stage": "training", "seconds": 80.0, "status": "ran", "finished": 1090.0},
+                   "ssl/c": {"stage": "ssl", "seconds": 10.0, "status": "ran", "finished": 1100.0}}}))
+    out = report.build_report("smoke")
+    text, parsed = out.read_text(), parse(out)
+    assert "s0000" not in text  # not inlined
+    assert f"segmentation per volume: {n:,} rows" in text and "../results/segmentation_per_volume.csv" in parsed.links
+    assert parsed.h.index("Raw data") > parsed.h.index("Figures")
+    assert "Other results" in parsed.h and "250" in parsed.cells  # small tables stay inline
+    # significance as a star or blank, not True/False
+    cells = [c for c in parsed.cells if c]
+    assert cells[cells.index("cDDPM"):][:4] == ["cDDPM", "51.2", "*", "-0.1"]
+    assert cells[cells.index("DDPM"):][:3] == ["DDPM", "40.1", "2"] and "False" not in cells
+    # the stage's span (1000 -> 1100 s) is labelled as a span, not as the stage's time (20 s of SSL work)
+    assert report.SPAN_COLUMN in parsed.cells and "wall seconds" not in text
+    assert cells[cells.index("ssl"):][:4] == ["ssl", "2", "20.0", "100.0"]

@@ -105,8 +105,37 @@ def test_threshold_comes_from_the_segmentation_stage(runs, scan):
                   {"model_id": "ae_t2", "fold": 1, "variant": "default", "threshold": 0.9, "dataset": "MSLUB",
                    "threshold_method": "bisection"}]).to_csv(results / "segmentation_runs.csv", index=False)
     out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True)
-    summary = json.loads(out["summary"].read_text())
+    summary = json.loads(out["summary"].read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert summary["threshold"] == 0.123 and "MSLUB" in summary["threshold_source"]
+    assert summary["threshold_source"].startswith(str(results.resolve() / "segmentation_runs.csv"))
+    assert summary["preprocessing_qc"]["dice_vs_reference"] is None  # no reference mask: null, not NaN
+
+
+def test_threshold_comes_from_the_run_that_holds_the_checkpoint(runs, scan, tmp_path):
+    """A run folder moved elsewhere keeps its own thresholds, not those of the run under $CDDPM_RUNS_ROOT."""
+    def thresholds(results, value):
+        results.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([{"model_id": "ae_t2", "fold": 0, "variant": "default", "threshold": value,
+                       "dataset": "BraTS21", "threshold_method": "bisection"}]).to_csv(
+            results / "segmentation_runs.csv", index=False)
+
+    thresholds(paths.results_dir("smoke"), 0.5)  # the run under $CDDPM_RUNS_ROOT
+    moved = tmp_path / "elsewhere" / "smoke"
+    ckpt = moved / "checkpoints" / "ae_t2" / "fold0" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    _checkpoint(runs).rename(ckpt)
+    info = checkpoint_info(ckpt)
+    assert info.run_dir == moved.resolve() and info.results_dir == moved.resolve() / "results"
+    with pytest.raises(ScoringError, match=f"{moved.resolve() / 'results'}/segmentation_runs.csv does not exist"):
+        score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True)
+    thresholds(moved / "results", 0.02)
+    summary = json.loads(score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True)["summary"]
+                         .read_text())
+    assert summary["threshold"] == 0.02
+    csv = moved.resolve() / "results" / "segmentation_runs.csv"
+    assert summary["threshold_source"] == f"{csv}: validation on BraTS21 (bisection)"
+    # outside a run layout the profile's results folder is the only place left
+    assert scoring.validation_threshold("smoke", "ae_t2", 0, "default")[0] == 0.5
 
 
 def test_threshold_per_data_set_and_the_stages_variant(runs, scan):
@@ -152,8 +181,32 @@ def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
         score_scan(scan, ckpt, runs / "o", weighting="t2", threshold=0.1, profile="quick")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ScoringError, match="junk.pt cannot be loaded"):
+    with pytest.raises(ScoringError, match=r"junk.pt cannot be loaded: not a cddpm-uad checkpoint \(not a file "
+                                           r"written by torch.save\)"):
         score_scan(scan, junk, runs / "o", weighting="t2", threshold=0.1)
+    with pytest.raises(ScoringError, match=r"T2w.nii.gz cannot be loaded: not a cddpm-uad checkpoint") as err:
+        score_scan(scan, scan, runs / "o", weighting="t2", threshold=0.1)  # the scan passed as the checkpoint
+    assert "weights_only" not in str(err.value)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": np.zeros(2)}, pickled)
+    with pytest.raises(ScoringError, match=r"not a cddpm-uad checkpoint \(it holds Python objects other than"):
+        score_scan(scan, pickled, runs / "o", weighting="t2", threshold=0.1)
+    state = tmp_path / "state.pt"
+    torch.save({"model": {}}, state)
+    with pytest.raises(ScoringError, match=r"state.pt: not a cddpm-uad checkpoint \(missing 'model_name'\)"):
+        score_scan(scan, state, runs / "o", weighting="t2", threshold=0.1)
+    with pytest.raises(ScoringError, match="is a folder; pass the best.pt"):
+        score_scan(scan, ckpt.parent, runs / "o", weighting="t2", threshold=0.1)
+    # a T2 model (model id ae_t2) does not score a scan given as T1
+    with pytest.raises(ScoringError, match=r"--weighting t1 but the checkpoint was trained on T2 scans \(model id "
+                                           r"'ae_t2'\); .*--weighting t2"):
+        score_scan(scan, ckpt, runs / "o", weighting="t1", threshold=0.1)
+    copied = tmp_path / "copied" / "best.pt"  # outside the run layout: the config.json beside it says T2
+    copied.parent.mkdir()
+    copied.write_bytes(ckpt.read_bytes())
+    (copied.parent / "config.json").write_text(json.dumps({"weighting": "t2"}))
+    with pytest.raises(ScoringError, match=r"trained on T2 scans \(.*config.json\)"):
+        score_scan(scan, copied, runs / "o", weighting="t1", threshold=0.1)
     assert main(["score", str(scan), "--checkpoint", str(runs / "nope.pt"), "-o", str(runs / "o"),
                  "--weighting", "t2", "--threshold", "0.1"]) == 2
     assert "nope.pt" in capsys.readouterr().err

@@ -64,6 +64,18 @@ def test_npz_and_json(tmp_path):
     assert (tmp_path / "a.json").read_text().strip().startswith("{")
 
 
+def test_json_is_strict_missing_values_are_null(tmp_path):
+    import json
+
+    obj = {"dice": float("nan"), "qc": {"x": np.float64("inf"), "y": [np.float32("nan"), 0.5, (1, float("-inf"))]},
+           "ok": 2.5, "path": tmp_path}
+    text = volumes.save_json(obj, tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
+    assert back["dice"] is None and back["qc"] == {"x": None, "y": [None, 0.5, [1, None]]}
+    assert back["ok"] == 2.5 and back["path"] == str(tmp_path)
+
+
 def test_slices_roundtrip():
     vol = np.arange(2 * 3 * 4).reshape(2, 3, 4)
     s = volumes.volume_to_slices(vol)
