@@ -28,7 +28,7 @@ from . import data, paths
 from .config import ConfigError, profile_params
 from .datasets import model_id
 from .engine import FitResult, LoopConfig, fit, init_distributed
-from .fingerprint import file_fingerprint
+from .fingerprint import record_fingerprint, tensors_fingerprint
 from .models import MODEL_NAMES, UADModel, build_model
 from .runtime import seed_everything
 
@@ -88,6 +88,12 @@ def load_pretrained_encoder(model: UADModel, path: str | Path) -> None:
     load_encoder_weights(encoders[0], path)
 
 
+def encoder_fingerprint(path: str | Path) -> str:
+    """Fingerprint of the weights in a SparK encoder file (names and tensors; not the file's other bytes)."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)["encoder"]
+    return record_fingerprint([[k, tensors_fingerprint([v])] for k, v in state.items()])
+
+
 def load_fold(cfg: LoopConfig) -> tuple[data.SliceCohort, data.SliceCohort]:
     """The healthy IXI ``train`` and ``val`` volumes of ``cfg.fold`` in weighting ``cfg.weighting``."""
     manifest = paths.preprocessed_manifest_path(cfg.source, cfg.profile)
@@ -124,8 +130,8 @@ def train(cfg: TrainConfig, log=print) -> FitResult:
             "ssl_encoder": str(ssl_encoder_path(cfg.profile, cfg.weighting, cfg.fold)) if cfg.ssl else None,
             "manifest": str(paths.preprocessed_manifest_path(cfg.source, cfg.profile))}
     own = cfg.replace(model_hparams={cfg.model: cfg.model_hparams.get(cfg.model, {})})  # others' do not matter
-    encoder = ssl_encoder_path(cfg.profile, cfg.weighting, cfg.fold)
-    inputs = {"ssl_encoder": file_fingerprint(encoder)} if cfg.ssl else {}
+    inputs = {"ssl_encoder": encoder_fingerprint(ssl_encoder_path(cfg.profile, cfg.weighting, cfg.fold))} \
+        if cfg.ssl else {}
     return fit(model, own, run_dir_of(cfg), train_set, val_set, info=info, inputs=inputs, log=log)
 
 

@@ -119,7 +119,11 @@ def test_pretrained_encoder_loads_into_the_cddpm(tmp_path, monkeypatch):
     # the fine-tuning run records which encoder it started from: a re-run SparK stage means a new run
     run = train.train(tcfg.replace(batch_size=4, max_steps=2, val_every=2, progress=False), log=lambda *_: None)
     started = torch.load(run.run_dir / "last.pt", weights_only=True)["config"]["inputs"]["ssl_encoder"]
-    assert started == fingerprint.file_fingerprint(path)
+    assert started == train.encoder_fingerprint(path)
+    resaved = path.with_name("copy.pt")  # the same weights saved again with other metadata: the same input
+    torch.save({**torch.load(path, weights_only=True), "step": 99}, resaved)
+    assert fingerprint.file_fingerprint(resaved) != fingerprint.file_fingerprint(path)
+    assert train.encoder_fingerprint(resaved) == started
     wrong = tcfg.replace(model_hparams={"cddpm": dict(model_channels=8, num_res_blocks=1, encoder_depth=18,
                                                       encoder_width=16, cond_dim=16)})
     with pytest.raises(ValueError, match="architecture mismatch"):
