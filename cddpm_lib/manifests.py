@@ -24,7 +24,7 @@ import pandas as pd
 from . import paths
 from .datasets import DATASETS, HEALTHY, WEIGHTING_OF
 from .synthetic import SyntheticConfig
-from .volumes import save_dataframe, save_json
+from .volumes import save_dataframe, save_json, squeeze_to_3d
 
 COLUMNS = ("dataset", "subject_id", "split", "fold", "t1", "t2", "brain_mask", "seg", "site", "skull_stripped",
            "healthy")
@@ -187,8 +187,7 @@ def inspect_file(path: str, column: str) -> tuple[tuple | None, np.ndarray | Non
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         return None, None, [f"cannot be read as NIfTI ({type(exc).__name__}: {exc})"]
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = squeeze_to_3d(data)
     if data.ndim != 3:
         return data.shape, None, [f"expected a 3D volume, got shape {data.shape}"]
     problems = []
@@ -197,8 +196,9 @@ def inspect_file(path: str, column: str) -> tuple[tuple | None, np.ndarray | Non
     elif column == "brain_mask":
         if not data.any():
             problems.append("empty mask (no voxel > 0)")
-        elif not np.isin(np.unique(data), (0, 1)).all():
-            problems.append("brain mask is not binary {0, 1}")
+        elif len(values := np.unique(data)) > 2 or values.min() != 0:
+            # 0/1 or 0/255: the pipeline reads a mask as "> 0"
+            problems.append(f"brain mask is not binary (0 and one positive value), values {values[:6].tolist()}")
     elif column == "seg":
         if (data < 0).any() or not np.array_equal(data, np.round(data)):
             problems.append("segmentation is not non-negative integer labels")

@@ -28,13 +28,16 @@ records the method and, where the raw manifest has a brain mask, its Dice.
 Steps 1–2 are composed into a single resampling when writing: the isotropic image serves skull stripping and
 registration; the final volumes are interpolated once from the raw scan. The registration uses a fixed-image
 mask (the template brain mask, dilated). One transform per subject is estimated on ``registration_weighting``
-and applied to every weighting and mask.
+and applied to its masks; every other weighting of the session is first aligned rigidly to that scan
+(``align_weightings``, Mattes MI inside its brain mask: head motion between the sequences) and warped through
+both transforms in one resampling. The QC row records each alignment's rotation and shift.
 
 Real data (``$CDDPM_REAL_DATA``, manifests in ``data_manifests/``):
 
 * **IXI** — T1 and T2 of the same session from Guy's (``IXI…-Guys-…``), Hammersmith (``-HH-``) and IoP (``-IOP-``)
   hospitals; T1 (sagittal) and T2 (axial) have different voxel grids but share world coordinates, so the transform
-  estimated on one applies to the other (up to patient motion between the sequences). Healthy: no ``seg``.
+  estimated on one applies to the other up to patient motion between the sequences, which the rigid alignment
+  of the T2 to the T1 takes out. Healthy: no ``seg``.
 * **BraTS21** — already skull-stripped and in SRI24 space at 1 mm; labels {1, 2, 4} are fused to one tumour mask;
   skull stripping is skipped and the brain mask is ``image > 0`` (holes filled, largest component).
 * **MSLUB** — raw T1/T2/FLAIR with the three-rater *consensus* lesion segmentation as ``seg``; needs skull stripping.
@@ -70,7 +73,9 @@ from .volumes import load_nifti, save_dataframe, save_json, save_nifti
 
 WEIGHTINGS = ("t1", "t2")
 PIPELINE_VERSION = 1  # bump when the algorithm changes: subjects done by an older version are redone
-STEPS = ("load", "resample", "skull_strip", "register", "warp", "crop", "n4", "resize", "rescale", "write")
+STEPS = ("load", "resample", "skull_strip", "register", "align", "warp", "crop", "n4", "resize", "rescale", "write")
+#: an alignment of two scans of one session rotating or shifting more than this counts as diverged
+MAX_ALIGN_DEG, MAX_ALIGN_MM = 20.0, 30.0
 _LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI/nibabel (RAS) <-> ITK (LPS)
 
 
@@ -94,6 +99,7 @@ class PreprocessConfig(StageConfig):
     template: str = "mni152"  # 'mni152' (nilearn, offline) or a NIfTI path (e.g. SRI24 T1)
     template_mask: str = ""  # brain mask of a path template; empty: template > 0
     registration_weighting: Literal["t1", "t2"] = "t1"  # transform estimated on this image when present
+    align_weightings: bool = True  # align the other weightings rigidly to it first (motion between sequences)
     registration_shrink: tuple[int, ...] = (4, 2, 1)  # multi-resolution pyramid
     registration_sampling: float = 0.05  # fraction of fixed voxels sampled by Mattes MI
     registration_iterations: int = 200
@@ -275,6 +281,42 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     affine.SetTranslation(rigid.GetTranslation())
     out, metric = _mattes_mi(fixed, moving, affine, fixed_mask, shrink[-2:], sampling, iterations, seed)
     return sitk.AffineTransform(out), metric
+
+
+def register_rigid(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None, *,
+                   shrink: tuple[int, ...] = (4, 2, 1), sampling: float = 0.05, iterations: int = 200,
+                   seed: int = 1) -> tuple[sitk.VersorRigid3DTransform, float]:
+    """Rigid alignment of another scan of the same session (e.g. the T2) to ``fixed`` (the scan the template
+    transform was estimated on), Mattes mutual information over ``fixed_mask``.
+
+    Starts from the identity: the scans of one session share world coordinates, and only head motion between the
+    sequences separates them (centring their fields of view, as a moments or geometry initialiser would, would
+    add the difference of the two fields of view instead). Returns the transform mapping *fixed* points to
+    *moving* points and the final metric value.
+    """
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    init = sitk.VersorRigid3DTransform()
+    init.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    out, metric = _mattes_mi(fixed, sitk.Cast(moving, sitk.sitkFloat32), init, fixed_mask, shrink, sampling,
+                             iterations, seed)
+    return sitk.VersorRigid3DTransform(out), metric
+
+
+def rigid_motion(transform: sitk.VersorRigid3DTransform) -> tuple[float, float]:
+    """(rotation angle in degrees, shift in mm of the rotation centre) of a rigid transform."""
+    versor = np.asarray(transform.GetVersor())[:3]  # the unit quaternion (x, y, z, w)'s vector part
+    angle = 2 * np.degrees(np.arcsin(min(1.0, float(np.linalg.norm(versor)))))
+    return angle, float(np.linalg.norm(transform.GetTranslation()))
+
+
+def then(first: sitk.Transform, second: sitk.Transform | None) -> sitk.Transform:
+    """The transform applying ``first``, then ``second`` (``None``: ``first`` alone)."""
+    if second is None:
+        return first
+    both = sitk.CompositeTransform(3)
+    both.AddTransform(second)  # a composite applies the transform added last first
+    both.AddTransform(first)
+    return both
 
 
 def transform_scales(transform: sitk.Transform, center: tuple[float, float, float]) -> np.ndarray:
@@ -571,7 +613,7 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
         iso = resample_isotropic(raw[ref], cfg.spacing_mm)
         fixed, tmask, regmask = template_grid(cfg.template, cfg.template_mask, cfg.spacing_mm,
                                               cfg.registration_mask_dilation_mm)
-    native = None
+    ref_head, on_iso, native = iso, None, None
     with clock("skull_strip"):
         if method != "template":
             native = native_brain_mask(raw[ref] if method == "image>0" else iso, method,
@@ -586,8 +628,20 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
         tx, metric = register_affine(fixed, iso, regmask, shrink=cfg.registration_shrink,
                                      sampling=cfg.registration_sampling, iterations=cfg.registration_iterations)
         _check_scales(tx, fixed, metric, cfg, qc)
+    aligned: dict[str, sitk.Transform] = {}
+    with clock("align"):
+        for w in [w for w in present if w != ref] if cfg.align_weightings else []:
+            aligned[w], align_metric = register_rigid(ref_head, raw[w], on_iso, shrink=cfg.registration_shrink,
+                                                      sampling=cfg.registration_sampling,
+                                                      iterations=cfg.registration_iterations)
+            deg, mm = rigid_motion(aligned[w])
+            qc.update({f"{w}_align_deg": deg, f"{w}_align_mm": mm, f"{w}_align_metric": align_metric})
+            if not np.isfinite(align_metric) or deg > MAX_ALIGN_DEG or mm > MAX_ALIGN_MM:
+                raise PreprocessingError(f"aligning {w} to {ref} diverged: {deg:.1f} deg, {mm:.1f} mm (at most "
+                                         f"{MAX_ALIGN_DEG:g} deg and {MAX_ALIGN_MM:g} mm between sequences of a "
+                                         f"session); set align_weightings=False to use the {ref} transform alone")
     with clock("warp"):
-        images = {w: warp(raw[w], fixed, tx) for w in present}
+        images = {w: warp(raw[w], fixed, then(tx, aligned.get(w))) for w in present}
         labs = {k: warp(v, fixed, tx, label=True) > 0 for k, v in labels.items()}
         mask = from_sitk(tmask)[0] > 0 if native is None else warp(native, fixed, tx, label=True) > 0
         qc["brain_ml"] = float(mask.sum() * cfg.spacing_mm ** 3 / 1000)

@@ -61,11 +61,17 @@ def load_nifti(path: str | os.PathLike, *, dtype=np.float32) -> tuple[np.ndarray
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise VolumeError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = squeeze_to_3d(data)
     if data.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got shape {data.shape}")
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def squeeze_to_3d(data: np.ndarray) -> np.ndarray:
+    """Drop trailing singleton axes beyond the third (NIfTI's time and vector dimensions of a 3D image)."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *, dtype=None) -> Path:

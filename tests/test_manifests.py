@@ -147,6 +147,17 @@ def test_validation_reports_every_planted_fault(good, tmp_path):
         manifests.check_manifest(tmp_path / "m.csv")
 
 
+def test_masks_with_one_positive_value_pass_others_are_named(good, tmp_path):
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    path = tmp_path / "IXI/IXI001/brain_mask.nii.gz"
+    save_nifti(_mask() * 255, aff, path, dtype=np.uint8)  # 0/255: the pipeline reads "> 0"
+    assert manifests.inspect_file(str(path), "brain_mask")[2] == []
+    three = _mask().astype(np.uint8)
+    three[0, 0, 0] = 2
+    save_nifti(three, aff, path, dtype=np.uint8)
+    assert "not binary" in manifests.inspect_file(str(path), "brain_mask")[2][0]
+
+
 def test_row_level_rules(good, tmp_path):
     df = manifests.load_manifest(tmp_path / "m.csv")
     df.loc[df.dataset == "ATLAS", "seg"] = ""

@@ -44,6 +44,9 @@ def test_four_d_rejected(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 3), np.float32), np.eye(4)), str(tmp_path / "f.nii.gz"))
     with pytest.raises(VolumeError, match="expected a 3D volume"):
         volumes.load_nifti(tmp_path / "f.nii.gz")
+    # trailing singleton axes (time, vector) of a 3D image are dropped
+    nib.save(nib.Nifti1Image(np.ones((2, 3, 4, 1, 1), np.float32), np.eye(4)), str(tmp_path / "s.nii.gz"))
+    assert volumes.load_nifti(tmp_path / "s.nii.gz")[0].shape == (2, 3, 4)
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
