@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
 	$(PIP) install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cddpm-uad)" >/dev/null
-	@printf '%s\n' '$(strip $(TORCH_SPEC))' > $(TORCH_RECORD)
+	@printf '%s\n' '$(subst ','\'',$(strip $(TORCH_SPEC)))' > $(TORCH_RECORD)
 	@touch $(STAMP)
 
 reproduce: setup

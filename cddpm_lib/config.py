@@ -123,9 +123,9 @@ class StageConfig:
         """Build from a notebook's globals: picks exactly this config's field names (missing ones keep defaults).
 
         With a :attr:`STAGE`, a parameter left at ``None`` (or absent) takes the value the namespace's ``profile``
-        gives it in ``profiles/<STAGE>.yaml``, else the default (the paper's). So a notebook opened in JupyterLab
-        runs the profile it names; the pipeline passes every value explicitly, and a value typed into the cell
-        wins.
+        gives it in ``profiles/<STAGE>.yaml`` (``source``: ``profiles/pipeline.yaml``'s), else the default (the
+        paper's). So a notebook opened in JupyterLab runs the profile it names; the pipeline passes every value
+        explicitly, and a value typed into the cell wins.
         """
         given = {k: namespace[k] for k in cls.field_names() if k in namespace}
         if cls.STAGE is None:
@@ -137,6 +137,8 @@ class StageConfig:
             raise ConfigError(f"parameter 'profile': expected a profile name, got {profile!r}")
         fields = set(cls.field_names())  # a profile may also set the notebook's own display parameters
         from_profile = {k: v for k, v in profile_params(cls.STAGE, check_profile(profile)).items() if k in fields}
+        if "source" in fields and "source" not in from_profile:  # the data source is the pipeline's, per profile
+            from_profile["source"] = profile_params("pipeline", profile)["source"]
         return cls.from_params({**from_profile, **{k: v for k, v in given.items() if v is not None}})
 
     def to_dict(self) -> dict[str, Any]:

@@ -202,8 +202,9 @@ def _resumable(run_dir: Path, record: dict, log) -> dict[str, Any] | None:
     new = {k: v for k, v in record.items() if k not in RUNTIME_FIELDS}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        log(f"{path}: written with different settings ({', '.join(diff)}); starting a new run (the earlier run's "
-            f"files move to {run_dir / SUPERSEDED})")
+        why = ("written by an earlier version of the kit, which did not record the run's inputs (data, encoder)"
+               if "inputs" not in old else f"written with different settings ({', '.join(diff)})")
+        log(f"{path}: {why}; starting a new run (the earlier run's files move to {run_dir / SUPERSEDED})")
         return None
     return ckpt
 
@@ -274,7 +275,7 @@ def validate(model: UADModel, loader, *, seed: int, device: torch.device, amp: s
     return float(total[0] / total[1])
 
 
-RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "encoder.pt")  # encoder.pt: SparK's output
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "encoder.pt", "tb")  # encoder.pt: SparK's; tb/
 SUPERSEDED = "superseded"
 
 

@@ -356,6 +356,9 @@ def significance_stars(scores: pd.DataFrame, column: str, higher_is_better: bool
         return None
     best = (max if higher_is_better else min)(per_model, key=lambda m: per_model[m].mean())
     side = "two-sided" if alternative == "two-sided" else "greater" if higher_is_better else "less"
+    if any(stats.min_p_value(per_model[best].size, v.size, "two-sided" if side == "two-sided" else "greater")
+           >= alpha for m, v in per_model.items() if m != best):
+        return None  # too few folds: the exact test cannot reach α (an approximate p may dip below it by chance)
     for other, values in per_model.items():
         if other != best and stats.permutation_test(per_model[best], values, alternative=side,
                                                     rounds=rounds, seed=seed) >= alpha:

@@ -25,7 +25,8 @@ def test_module_fingerprint_follows_the_weights_not_the_instance():
     b[1].running_mean.fill_(0.5)  # buffers count as well
     assert fingerprint.module_fingerprint(b) != before
     c = _net(0)
-    c[0].weight = torch.nn.Parameter(c[0].weight.detach() * 2)  # replaced tensor
+    assert fingerprint.module_fingerprint(c) == before  # memoised now
+    c[0].weight = torch.nn.Parameter(c[0].weight.detach() * 2)  # replaced tensor: the memo must notice
     assert fingerprint.module_fingerprint(c) != before
 
 

@@ -109,13 +109,14 @@ def test_notebook_opened_by_hand_runs_the_profile_it_names(config):
     assert set(literals) <= set(config.field_names()), path.name
     set_by_profiles = {k for params in load_stage_profiles(config.STAGE).values() for k in (params or {})
                        if k in config.field_names()}  # others (n_examples) are the notebook's own display settings
-    assert all(literals[k] is None for k in set_by_profiles), \
+    assert literals["source"] is None and all(literals[k] is None for k in set_by_profiles), \
         f"{path.name}: {sorted(k for k in set_by_profiles if literals[k] is not None)} must be None"
     for profile in ("smoke", "quick", "paper"):
         built = config.from_namespace({**literals, "profile": profile})
         from_profile = {k: v for k, v in profile_params(config.STAGE, profile).items() if k in config.field_names()}
+        source = profile_params("pipeline", profile)["source"]  # the data the pipeline runs this profile on
         expected = config.from_params({**{k: v for k, v in literals.items() if v is not None}, **from_profile,
-                                       "profile": profile})
+                                       "profile": profile, "source": source})
         assert built == expected, (path.name, profile)
     for typed, value in (("max_steps", 3), ("folds", [0])):
         if typed in set_by_profiles:

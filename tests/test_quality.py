@@ -265,7 +265,7 @@ def test_config_rejects_bad_values_and_matches_notebook():
 
     defaults = {k: ast.literal_eval(v["default"]) for k, v in params.items()}
     paper = Q.ReconstructionQualityConfig.from_namespace({**defaults, "profile": "paper"})
-    assert paper == Q.ReconstructionQualityConfig(profile="paper")
+    assert paper == Q.ReconstructionQualityConfig(profile="paper", source="real")
 
 
 def test_figure2_inputs_pick_largest_brain_slice(tmp_path, monkeypatch):
