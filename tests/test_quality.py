@@ -246,6 +246,8 @@ def test_star_needs_significance_over_every_other_model():
     assert Q.significance_stars(one_fold, "ssim", True, rounds=500, alpha=0.05) is None
     two_folds = scores[scores["fold"] < 2]  # 2 against 2 cannot reach p < 0.05: never a star
     assert Q.significance_stars(two_folds, "ssim", True, rounds=500, alpha=0.05) is None
+    three = scores[scores["fold"] < 3]  # 3 against 3: the floor is α itself, a Monte-Carlo p may dip below it
+    assert Q.significance_stars(three, "ssim", True, rounds=10_000, alpha=0.05) is None
     assert "No star is possible with 2 fold(s)" in Q._star_floor(Q.ReconstructionQualityConfig(folds=(0, 1)))
     assert "smallest possible p-value is 0.00397" in Q._star_floor(Q.ReconstructionQualityConfig())
 

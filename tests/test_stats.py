@@ -85,6 +85,15 @@ def test_constant_baseline_counts_once_per_target_fold():
         stats.compare_with_baselines(varied, "best", ["Thresh"], constant_baselines=["Thresh"])
 
 
+def test_no_star_below_the_floor_even_when_the_monte_carlo_p_dips_under_alpha():
+    rows = [{"row": r, "fold": f, "dataset": "D", "metric": "DICE", "value": v + f}
+            for f in range(3) for r, v in (("best", 60.0), ("weak", 10.0))]
+    tests = stats.compare_with_baselines(pd.DataFrame(rows), "best", ["weak"], rounds=10_000)
+    assert tests["min_p_value"].iloc[0] == pytest.approx(0.05)  # 3 against 3: 1/20, exactly α
+    star = stats.stars(tests)
+    assert not star["possible"].iloc[0] and not star["star"].iloc[0]
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="alternative"):
         stats.permutation_test(X, Y, alternative="bigger")
