@@ -100,6 +100,7 @@ class PreprocessConfig(StageConfig):
     template_mask: str = ""  # brain mask of a path template; empty: template > 0
     registration_weighting: Literal["t1", "t2"] = "t1"  # transform estimated on this image when present
     align_weightings: bool = True  # align the other weightings rigidly to it first (motion between sequences)
+    anti_alias: bool = True  # smooth a scan finer than spacing_mm before the final resampling (see anti_alias)
     registration_shrink: tuple[int, ...] = (4, 2, 1)  # multi-resolution pyramid
     registration_sampling: float = 0.05  # fraction of fixed voxels sampled by Mattes MI
     registration_iterations: int = 200
@@ -177,21 +178,34 @@ def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------- steps 1–2: resampling, template
 
 
+def anti_alias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Smooth the axes of ``image`` finer than ``spacing_mm`` before resampling to that spacing (anti-aliasing).
+
+    Gaussian of sigma ``0.5·sqrt(new² − old²)`` mm per axis (none on axes already as coarse); float32 out. On the
+    coarse quick/smoke grids it halves the registration error on 6 mm grids and keeps the 3 mm images free of the
+    aliasing of a 2 mm scan sampled directly; at the paper's 1 mm it is a 0.2 mm blur of 0.94 mm axes or nothing.
+    """
+    sigma = [0.5 * np.sqrt(max(spacing_mm ** 2 - s ** 2, 0.0)) for s in image.GetSpacing()]
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    for axis, sig in enumerate(sigma):
+        if sig > 0:
+            image = sitk.RecursiveGaussian(image, sig, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    return image
+
+
 def resample_isotropic(image: sitk.Image, spacing_mm: float, *, label: bool = False) -> sitk.Image:
     """Step 1 (§4.2): resample to ``spacing_mm`` isotropic, same field of view; B-spline, labels nearest.
 
-    Axes made coarser are first smoothed with a Gaussian of sigma ``0.5·sqrt(new² − old²)`` mm (anti-aliasing;
-    only the coarse quick/smoke grids need it — it halves the registration error on 6 mm grids).
+    Images are anti-aliased first (:func:`anti_alias`); labels are not.
     """
     size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), image.GetSpacing())]
     interp = sitk.sitkNearestNeighbor if label else sitk.sitkBSpline
-    sigma = [0.5 * np.sqrt(max(spacing_mm ** 2 - s ** 2, 0.0)) for s in image.GetSpacing()]
-    for axis, sig in enumerate(sigma):
-        if not label and sig > 0:
-            image = sitk.RecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sig, False,
-                                           sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    pixel = image.GetPixelID()
+    if not label:
+        image = anti_alias(image, spacing_mm)
+        pixel = image.GetPixelID()
     return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), (spacing_mm,) * 3,
-                         image.GetDirection(), 0.0, image.GetPixelID())
+                         image.GetDirection(), 0.0, pixel)
 
 
 @lru_cache(maxsize=4)
@@ -330,14 +344,20 @@ def transform_scales(transform: sitk.Transform, center: tuple[float, float, floa
     return np.linalg.svd(jac, compute_uv=False)
 
 
-def warp(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *, label: bool = False) -> np.ndarray:
+def warp(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *, label: bool = False,
+         anti_alias_input: bool = True) -> np.ndarray:
     """Resample ``image`` onto ``reference`` through ``transform``; labels nearest neighbour (no blurred labels).
 
+    Images are anti-aliased to the reference's spacing first (:func:`anti_alias`, ``anti_alias=True``; the axes of
+    the scan and of the grid are taken as matched, as they are up to the registration's rotation).
     Returns ``[X, Y, Z]``; images are clipped at 0 (B-spline overshoot).
     """
     interp = sitk.sitkNearestNeighbor if label else sitk.sitkBSpline
     pixel = sitk.sitkUInt8 if label else sitk.sitkFloat32
-    out = sitk.Resample(sitk.Cast(image, pixel), reference, transform, interp, 0.0, pixel)
+    image = sitk.Cast(image, pixel)
+    if not label and anti_alias_input:
+        image = anti_alias(image, max(reference.GetSpacing()))
+    out = sitk.Resample(image, reference, transform, interp, 0.0, pixel)
     arr = from_sitk(out)[0]
     return arr if label else np.clip(arr, 0, None)
 
@@ -644,7 +664,7 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
                                          f"{MAX_ALIGN_DEG:g} deg and {MAX_ALIGN_MM:g} mm between sequences of a "
                                          f"session); set align_weightings=False to use the {ref} transform alone")
     with clock("warp"):
-        images = {w: warp(raw[w], fixed, then(tx, aligned.get(w))) for w in present}
+        images = {w: warp(raw[w], fixed, then(tx, aligned.get(w)), anti_alias_input=cfg.anti_alias) for w in present}
         labs = {k: warp(v, fixed, tx, label=True) > 0 for k, v in labels.items()}
         mask = from_sitk(tmask)[0] > 0 if native is None else warp(native, fixed, tx, label=True) > 0
         qc["brain_ml"] = float(mask.sum() * cfg.spacing_mm ** 3 / 1000)

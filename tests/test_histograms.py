@@ -163,6 +163,7 @@ def test_config_matches_notebook():
     params = papermill.inspect_notebook(str(repo_root() / "notebooks" / "05_domain_shift.ipynb"))
     assert set(params) == set(H.DomainShiftConfig.field_names())
     defaults = {k: ast.literal_eval(v["default"]) for k, v in params.items()}
-    assert H.DomainShiftConfig.from_namespace({**defaults, "profile": "paper"}) == H.DomainShiftConfig(profile="paper", source="real")
+    resolved = H.DomainShiftConfig.from_namespace({**defaults, "profile": "paper"})
+    assert resolved == H.DomainShiftConfig(profile="paper", source="real")
     with pytest.raises(ConfigError, match="figure_fold"):
         H.DomainShiftConfig(folds=(0,), figure_fold=3)
