@@ -683,6 +683,10 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
         vols = {**images, "brain_mask": mask, **({"seg": seg} if seg is not None else {})}
         vols, affine = resize_to_output(vols, affine, cfg)
         final_mask = vols["brain_mask"].astype(bool)
+        if "seg" in vols:  # lesion the skull stripping cut off: kept labelled, left to the evaluation's brain mask
+            lesion = vols["seg"].astype(bool)
+            qc["seg_outside_brain_pct"] = 100 * float((lesion & ~final_mask).sum() / lesion.sum()) if lesion.any() \
+                else np.nan
     with clock("rescale"):
         for w in present:
             vols[w], qc[f"{w}_p1"], qc[f"{w}_p99"] = rescale_percentiles(vols[w], final_mask, cfg.percentiles)
@@ -831,13 +835,16 @@ def check_failures(qc: pd.DataFrame, allow_failures: bool = False) -> None:
 
 
 def qc_summary(qc: pd.DataFrame) -> pd.DataFrame:
-    """Per data set: subjects, failures, skull-stripping method, median brain volume, Dice and seconds."""
+    """Per data set: subjects, failures, skull-stripping method, median brain volume and Dice, the largest share of
+    a lesion outside the brain mask (%; those voxels stay labelled, the evaluation's eroded brain mask leaves them
+    out), and median seconds."""
     q = qc.assign(ok=qc["status"] == "ok")
-    for col in ("brain_ml", "dice_vs_reference", "time_total", "skull_strip"):
+    for col in ("brain_ml", "dice_vs_reference", "time_total", "skull_strip", "seg_outside_brain_pct"):
         q[col] = q[col] if col in q else np.nan
     return q.groupby("dataset").agg(subjects=("subject_id", "size"), failed=("ok", lambda s: int((~s).sum())),
                                     skull_strip=("skull_strip", lambda s: ",".join(sorted(set(s.dropna())))),
                                     brain_ml=("brain_ml", "median"), dice=("dice_vs_reference", "median"),
+                                    lesion_outside_brain_pct=("seg_outside_brain_pct", "max"),
                                     seconds=("time_total", "median"))
 
 

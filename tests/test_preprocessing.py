@@ -246,6 +246,11 @@ def test_outputs_shapes_affines_ranges_and_binary_labels(run, cohort):
         if "seg" in imgs:
             seg = np.asarray(imgs["seg"].dataobj)
             assert seg.dtype == np.uint8 and set(np.unique(seg)) == {0, 1}
+            outside = qc.set_index("subject_id").loc[r.subject_id, "seg_outside_brain_pct"]
+            assert outside == pytest.approx(100 * (seg.astype(bool) & (mask == 0)).sum() / seg.sum())
+    summary = pp.qc_summary(qc)
+    assert summary.loc["MSLUB", "lesion_outside_brain_pct"] == pytest.approx(qc["seg_outside_brain_pct"].max())
+    assert np.isnan(summary.loc["IXI", "lesion_outside_brain_pct"])  # healthy: no lesion to count
 
 
 def test_template_skull_strip_matches_reference_mask(cohort, registered, run):
