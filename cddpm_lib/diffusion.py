@@ -18,6 +18,14 @@ Math (paper §3.1; Ho et al. 2020):
 
 Schedules: ``cosine`` (Nichol & Dhariwal 2021, eq. 17, s = 0.008, β clipped at 0.999; the authors' code) and
 ``linear`` (Ho et al.: β from 1e-4 to 0.02, rescaled by 1000 / T).
+
+Signal range. Images come in [0, 1]; the process runs on them mapped linearly to ``signal_range`` (default
+[−1, 1], as the authors' code, which calls ``normalize_to_neg_one_to_one`` before noising and maps the prediction
+back): the denoiser sees ``x_t`` and predicts ``x̂0`` in that range, ``L_rec`` is taken there (so it is twice the
+[0, 1] value), and :meth:`~GaussianDiffusion.reconstruct` and :meth:`~GaussianDiffusion.sample` return images in
+[0, 1]. The range sets how strongly a given ``t`` drowns the image: with the unnormalised simplex noise (std ≈ 0.6)
+``t_test = 500`` keeps the signal-to-noise ratio of the authors' runs only in [−1, 1]; in [0, 1] (``signal_range =
+(0, 1)``) the same ratio is reached at ``t = 292`` (and [126, 292, 558] for the ensemble).
 """
 from __future__ import annotations
 
@@ -72,11 +80,15 @@ def _extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
 class GaussianDiffusion(nn.Module):
     """Forward process, training loss and reconstruction of paper §3.1 for an injected ``x0``-denoiser."""
 
-    def __init__(self, betas: Tensor, noise_fn: NoiseFn | None = None) -> None:
+    def __init__(self, betas: Tensor, noise_fn: NoiseFn | None = None,
+                 signal_range: Sequence[float] = (-1.0, 1.0)) -> None:
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or (betas <= 0).any() or (betas >= 1).any():
             raise ValueError("GaussianDiffusion: betas must be a 1D tensor with values in (0, 1)")
+        lo, hi = check_signal_range(signal_range)
+        #: images in [0, 1] are diffused as ``lo + (hi − lo) · x`` (module docstring)
+        self.signal_range = (lo, hi)
         self.T = int(betas.numel())
         self.noise_fn: NoiseFn = noise_fn if noise_fn is not None else GaussianNoise()
         alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
@@ -88,9 +100,20 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt(), persistent=False)
 
     @classmethod
-    def from_schedule(cls, schedule: str = "cosine", T: int = 1000, noise_fn: NoiseFn | None = None
-                      ) -> "GaussianDiffusion":
-        return cls(make_betas(schedule, T), noise_fn)
+    def from_schedule(cls, schedule: str = "cosine", T: int = 1000, noise_fn: NoiseFn | None = None,
+                      signal_range: Sequence[float] = (-1.0, 1.0)) -> "GaussianDiffusion":
+        return cls(make_betas(schedule, T), noise_fn, signal_range)
+
+    # --- signal range ---------------------------------------------------------------------------------
+    def to_signal(self, x: Tensor) -> Tensor:
+        """Image in [0, 1] -> the range the process runs in (``signal_range``)."""
+        lo, hi = self.signal_range
+        return x if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * x
+
+    def from_signal(self, y: Tensor) -> Tensor:
+        """Inverse of :meth:`to_signal`: a prediction in ``signal_range`` -> the image's [0, 1] scale."""
+        lo, hi = self.signal_range
+        return y if (lo, hi) == (0.0, 1.0) else (y - lo) / (hi - lo)
 
     # --- forward process ------------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
@@ -125,11 +148,13 @@ class GaussianDiffusion(nn.Module):
     # --- training -------------------------------------------------------------------------------------
     def training_loss(self, denoise: Denoiser, x0: Tensor, cond: Tensor | None = None, mask: Tensor | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
-        """``L_rec = |x0 − x̂0(x_t, t)|`` with ``t ~ U{1..T}`` per sample (paper §3.1).
+        """``L_rec = |x0 − x̂0(x_t, t)|`` with ``t ~ U{1..T}`` per sample (paper §3.1), in the signal range.
 
-        ``mask`` ([N, 1|C, H, W]): mean over the mask's pixels only (``None``: over all pixels).
+        ``x0``: images in [0, 1]; ``mask`` ([N, 1|C, H, W]): mean over the mask's pixels only (``None``: over all
+        pixels).
         """
         t = self.sample_timesteps(x0.shape[0], generator, x0.device)
+        x0 = self.to_signal(x0)
         x_t = self.q_sample(x0, t, self.noise_like(x0, generator))
         return l1_loss(denoise(x_t, t, cond), x0, mask)
 
@@ -149,7 +174,8 @@ class GaussianDiffusion(nn.Module):
                     cond: Tensor | None = None, max_batch: int | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """Pseudo-healthy reconstruction (paper §3.1): noise ``x0`` to each ``t_test``, predict ``x̂0`` in one pass,
-        average over the ``t_test`` (ensemble). ``x0: [B, C, H, W]``, ``cond: [B, ...]`` -> ``[B, C, H, W]``.
+        average over the ``t_test`` (ensemble). ``x0: [B, C, H, W]`` in [0, 1], ``cond: [B, ...]`` ->
+        ``[B, C, H, W]`` on the same scale (the prediction mapped back from the signal range, not clipped).
 
         All slices × time steps go through the network in batches of at most ``max_batch``; the noise of every
         (t, slice) pair is drawn before batching, so ``max_batch`` does not change the result.
@@ -157,11 +183,11 @@ class GaussianDiffusion(nn.Module):
         ts = as_timesteps(t_test, self.T)
         b = x0.shape[0]
         t = torch.tensor(ts, device=x0.device).repeat_interleave(b)          # [len(ts) · B], t-major
-        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))
+        x0_rep = self.to_signal(x0).repeat(len(ts), *([1] * (x0.ndim - 1)))
         noise = self.test_noise(x0, ts, generator)
         cond_rep = None if cond is None else cond.repeat(len(ts), *([1] * (cond.ndim - 1)))
         x_hat = self.predict_x0(denoise, self.q_sample(x0_rep, t, noise), t, cond_rep, max_batch)
-        return x_hat.reshape(len(ts), *x0.shape).mean(0)
+        return self.from_signal(x_hat.reshape(len(ts), *x0.shape).mean(0))
 
     # --- iterative sampling ---------------------------------------------------------------------------
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,13 +209,16 @@ class GaussianDiffusion(nn.Module):
 
         ``x_start=None``: start from pure noise (``t_start = T``); else ``x_{t_start} = q_sample(x_start, t_start)``.
         ``method="ddpm"``: ancestral sampling over every step; ``"ddim"``: deterministic DDIM (η = 0) over
-        ``steps`` evenly spaced steps. ``clip`` clamps ``x̂0`` at each step (images in [0, 1]).
+        ``steps`` evenly spaced steps. ``clip`` clamps ``x̂0`` at each step, on the images' [0, 1] scale. ``x_start``
+        and the result are images in [0, 1].
         """
         t_start = self.T if t_start is None else int(t_start)
         as_timesteps(t_start, self.T)
+        if clip is not None:
+            clip = tuple(float(c) for c in self.to_signal(torch.tensor(clip, dtype=torch.float64)))
         if x_start is not None:
             device = x_start.device
-            x = self.q_sample(x_start, torch.full((x_start.shape[0],), t_start, device=device),
+            x = self.q_sample(self.to_signal(x_start), torch.full((x_start.shape[0],), t_start, device=device),
                               self.noise_like(x_start, generator))
         else:
             x = self.noise_fn(shape, generator=generator, device=device)
@@ -214,7 +243,7 @@ class GaussianDiffusion(nn.Module):
                 x = mean + var.sqrt() * self.noise_like(x, generator)
             else:
                 x = self.ddim_step(x, x0_hat, t_now, t_next)
-        return x
+        return self.from_signal(x)
 
     def ddim_step(self, x_t: Tensor, x0_hat: Tensor, t: int, s: int) -> Tensor:
         """DDIM step ``t -> s`` (η = 0, Song et al. 2021 eq. 12): ``x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) ε̂`` with
@@ -222,6 +251,17 @@ class GaussianDiffusion(nn.Module):
         a_t, s_t = self.sqrt_alphas_cumprod[t].to(x_t.dtype), self.sqrt_one_minus_alphas_cumprod[t].to(x_t.dtype)
         a_s, s_s = self.sqrt_alphas_cumprod[s].to(x_t.dtype), self.sqrt_one_minus_alphas_cumprod[s].to(x_t.dtype)
         return a_s * x0_hat + s_s * (x_t - a_t * x0_hat) / s_t
+
+
+def check_signal_range(signal_range: Sequence[float]) -> tuple[float, float]:
+    """``(lo, hi)`` with ``lo < hi`` as floats, or a clear error naming ``signal_range``."""
+    try:
+        lo, hi = (float(v) for v in signal_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"signal_range must be two numbers (lo, hi), got {signal_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"signal_range must be finite with lo < hi, got {signal_range!r}")
+    return lo, hi
 
 
 def l1_loss(x_hat: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -233,4 +273,5 @@ def l1_loss(x_hat: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-__all__ = ["GaussianDiffusion", "as_timesteps", "linear_betas", "cosine_betas", "make_betas", "l1_loss"]
+__all__ = ["GaussianDiffusion", "as_timesteps", "check_signal_range", "linear_betas", "cosine_betas", "make_betas",
+           "l1_loss"]

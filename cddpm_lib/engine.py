@@ -7,11 +7,12 @@
 Checkpoints hold ``{"model_name", "hparams", "model", "optimizers", "scaler", "rng", "step", "best_val",
 "config"}``, tensors and plain types only (``torch.load(weights_only=True)``; ``models.load_model`` reads the
 first three). A rerun with the same settings and inputs resumes from ``last.pt`` (a finished run returns at once;
-other settings than :data:`RUNTIME_FIELDS`, other training or validation data, or other ``inputs`` such as a
-re-run SparK encoder start a new run) and ends with the same weights as an uninterrupted run
-(bitwise on CPU): the batches of step ``s`` depend on ``(seed, s)`` only (:class:`~cddpm_lib.data.StepSampler`)
-and at every checkpoint all RNGs are reseeded from ``(seed, step, rank)``. Validation runs on a private RNG with
-a fixed seed (the same diffusion time steps and noise every time, so losses of different steps compare).
+other settings than :data:`RUNTIME_FIELDS`, another model (any hyper-parameter, defaults included), other
+training or validation data, or other ``inputs`` such as a re-run SparK encoder start a new run) and ends with
+the same weights as an uninterrupted run (bitwise on CPU): the batches of step ``s`` depend on ``(seed, s)`` only
+(:class:`~cddpm_lib.data.StepSampler`) and at every checkpoint all RNGs are reseeded from ``(seed, step, rank)``.
+Validation runs on a private RNG with a fixed seed (the same diffusion time steps and noise every time, so losses
+of different steps compare).
 
 On a CPU, ``fit`` first lets glibc keep freed memory in the process (:func:`cddpm_lib.runtime.keep_freed_memory`).
 Mixed precision (``amp="bf16"``, or ``"fp16"`` with loss scaling) and channels-last apply on CUDA only. Data
@@ -30,10 +31,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -280,16 +281,18 @@ SUPERSEDED = "superseded"
 
 
 def supersede(run_dir: Path) -> Path | None:
-    """Move an earlier run's files (:data:`RUN_FILES`) into ``run_dir/superseded/`` before a new run starts over
-    it (other settings or inputs), replacing what an even earlier run left there: the last replaced run can still
-    be restored by hand, and the disk holds at most one extra run. Returns the folder, or None when there was no
-    run."""
+    """Move an earlier run's files (:data:`RUN_FILES`) into ``run_dir/superseded/<time>/`` before a new run starts
+    over it (other settings or inputs). Every replaced run is kept, one folder each, named by the time it was
+    replaced (UTC, ``YYYYmmdd-HHMMSS``): nothing trained is deleted; remove old folders by hand to free the disk.
+    Returns the folder, or None when there was no run."""
     present = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
     if not any(p.name in ("best.pt", "last.pt") for p in present):
         return None
-    dest = run_dir / SUPERSEDED
-    if dest.exists():
-        shutil.rmtree(dest)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = run_dir / SUPERSEDED / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / SUPERSEDED / f"{stamp}-{n}"
     dest.mkdir(parents=True)
     for p in present:
         os.replace(p, dest / p.name)
@@ -346,7 +349,10 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
         keep_freed_memory()  # no page faults for the buffers every step frees and allocates again
     slab = int(model.slab_length)
     # what the run is computed from besides its settings: a run over other data or other inputs is not resumed
-    inputs = {"train_data": train_cohort.fingerprint(), "val_data": val_cohort.fingerprint(), **(inputs or {})}
+    # the model as built (every hyper-parameter, defaults included): a default changed by the kit is a new run
+    inputs = {"train_data": train_cohort.fingerprint(), "val_data": val_cohort.fingerprint(),
+              "model": {"name": model.name, "hparams": json.loads(json.dumps(model.hparams, default=str))},
+              **(inputs or {})}
     record = {**cfg.to_dict(), "world_size": ctx.world, "inputs": inputs}
     model.to(device)
     if cl:

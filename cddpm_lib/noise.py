@@ -18,7 +18,8 @@ the kit uses the 2D noise.
 Differences to the authors' code (options): they draw one field and repeat it over the batch
 (``shared_across_batch=True`` reproduces that; default: an independent field per sample, from its own random
 permutation table and random offset). Like the authors, fields are not normalised by default (their standard
-deviation is about 0.6 with these settings, so ``t_test`` destroys as much of the image as in the authors' runs);
+deviation is about 0.6 with these settings; with the images diffused in [−1, 1] as the authors do, see
+:mod:`cddpm_lib.diffusion`, ``t_test`` then destroys as much of the image as in the authors' runs);
 ``normalize=True`` makes each field zero-mean with unit variance, the variance the DDPM schedule assumes.
 """
 from __future__ import annotations

@@ -71,14 +71,37 @@ def test_timesteps_are_uniform_on_1_to_T():
 
 
 def test_training_loss_is_l1_of_the_x0_prediction():
-    d = GaussianDiffusion.from_schedule("cosine", 1000, SimplexNoise())
+    """In the default [−1, 1] signal range the target is 2·x0 − 1; in (0, 1) it is x0 itself."""
     x0 = torch.rand(4, 1, 16, 16)
-    assert float(d.training_loss(lambda x_t, t, c: x0, x0)) == 0.0
-    assert float(d.training_loss(lambda x_t, t, c: torch.zeros_like(x0), x0)) == pytest.approx(float(x0.mean()))
-    mask = torch.zeros_like(x0)
-    mask[..., :4, :4] = 1
-    zero = d.training_loss(lambda x_t, t, c: torch.zeros_like(x0), x0, mask=mask)
-    assert float(zero) == pytest.approx(float(x0[..., :4, :4].mean()), rel=1e-6)
+    for signal_range, target in (((-1.0, 1.0), 2 * x0 - 1), ((0.0, 1.0), x0)):
+        d = GaussianDiffusion.from_schedule("cosine", 1000, SimplexNoise(), signal_range)
+        assert float(d.training_loss(lambda x_t, t, c: target, x0)) == pytest.approx(0.0, abs=1e-7)
+        zero = float(d.training_loss(lambda x_t, t, c: torch.zeros_like(x0), x0))
+        assert zero == pytest.approx(float(target.abs().mean()), rel=1e-6)
+        mask = torch.zeros_like(x0)
+        mask[..., :4, :4] = 1
+        zero = d.training_loss(lambda x_t, t, c: torch.zeros_like(x0), x0, mask=mask)
+        assert float(zero) == pytest.approx(float(target[..., :4, :4].abs().mean()), rel=1e-6)
+
+
+def test_images_are_diffused_in_minus_one_to_one_like_the_authors_code():
+    """The denoiser sees x_t = √ᾱ_t (2·x0 − 1) + √(1 − ᾱ_t) ε and its prediction comes back on the [0, 1] scale."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000, SimplexNoise())
+    x0 = torch.rand(2, 1, 16, 16)
+    seen = []
+    out = d.reconstruct(lambda x_t, t, c: seen.append(x_t) or torch.full_like(x_t, 1.0), x0, t_test=0)
+    assert torch.allclose(seen[0], 2 * x0 - 1) and torch.allclose(out, torch.ones_like(x0))
+    g = torch.Generator().manual_seed(3)
+    eps = d.test_noise(x0, [500], torch.Generator().manual_seed(3))
+    d.reconstruct(lambda x_t, t, c: seen.append(x_t) or x_t, x0, t_test=500, generator=g)
+    abar = float(d.alphas_cumprod[500])
+    assert torch.allclose(seen[1], abar ** 0.5 * (2 * x0 - 1) + (1 - abar) ** 0.5 * eps, atol=1e-6)
+    # sampling clips x̂0 to the images' [0, 1] in the signal range and returns images in [0, 1]
+    x = d.sample(lambda x_t, t, c: torch.full_like(x_t, 5.0), (2, 1, 8, 8), method="ddim", steps=3,
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x, torch.ones_like(x))
+    with pytest.raises(ValueError, match="signal_range"):
+        GaussianDiffusion.from_schedule("cosine", 10, signal_range=(1.0, -1.0))
 
 
 def test_l1_loss_mask_broadcasts_over_channels():
@@ -160,10 +183,12 @@ def test_posterior_matches_ho_et_al_equation_7():
 def test_sampling_with_an_oracle_denoiser_returns_x0(method):
     d = GaussianDiffusion.from_schedule("cosine", 50, GaussianNoise())
     x0 = torch.rand(2, 1, 8, 8)
-    out = d.sample(lambda x, t, c: x0, x0.shape, method=method, steps=10, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out, x0)
-    partial = d.sample(lambda x, t, c: x0, x0.shape, x_start=x0, t_start=20, method=method, steps=5)
-    assert torch.allclose(partial, x0)
+    oracle = d.to_signal(x0)  # the denoiser predicts in the signal range (2·x0 − 1)
+    out = d.sample(lambda x, t, c: oracle, x0.shape, method=method, steps=10,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x0, atol=1e-6)
+    partial = d.sample(lambda x, t, c: oracle, x0.shape, x_start=x0, t_start=20, method=method, steps=5)
+    assert torch.allclose(partial, x0, atol=1e-6)
 
 
 def test_sampling_calls_the_denoiser_once_per_step():

@@ -116,12 +116,14 @@ def test_finished_run_is_skipped_and_changed_settings_restart(tmp_path, cohorts)
     assert len(longer.history) == 3
     changed = _fit(tmp_path, cohorts, _cfg(max_steps=4, lr=1e-3))  # other lr: a new run
     assert changed.steps == 4 and torch.load(tmp_path / "last.pt", weights_only=True)["config"]["lr"] == 1e-3
-    # the replaced run is kept aside, not deleted (one generation)
-    old = tmp_path / engine.SUPERSEDED
-    assert {"best.pt", "last.pt", "history.csv", "config.json"} <= {p.name for p in old.iterdir()}
-    assert torch.load(old / "last.pt", weights_only=True)["config"]["lr"] == 3e-3
+    # every replaced run is kept aside, one folder each, never deleted
+    (first,) = (tmp_path / engine.SUPERSEDED).iterdir()
+    assert {"best.pt", "last.pt", "history.csv", "config.json"} <= {p.name for p in first.iterdir()}
+    assert torch.load(first / "last.pt", weights_only=True)["config"]["lr"] == 3e-3
     _fit(tmp_path, cohorts, _cfg(max_steps=4, lr=2e-3))
-    assert torch.load(old / "last.pt", weights_only=True)["config"]["lr"] == 1e-3
+    kept = sorted((tmp_path / engine.SUPERSEDED).iterdir())
+    assert [torch.load(d / "last.pt", weights_only=True)["config"]["lr"] for d in kept] == [3e-3, 1e-3]
+    assert not (tmp_path / engine.SUPERSEDED / "best.pt").exists()
 
 
 def test_other_data_or_inputs_start_a_new_run(tmp_path, cohorts):
@@ -145,6 +147,14 @@ def test_other_data_or_inputs_start_a_new_run(tmp_path, cohorts):
                log=logs.append)
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["config"]["inputs"]
     assert saved["ssl_encoder"] == "new" and saved["train_data"] == changed.fingerprint()
+    # another model (a hyper-parameter, even one left at the kit's default): a new run
+    seed_everything(0)
+    logs.clear()
+    engine.fit(TinyDenoiser(width=6), _cfg(max_steps=4), tmp_path, changed, val, inputs={"ssl_encoder": "new"},
+               log=logs.append)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["config"]["inputs"]
+    assert saved["model"] == {"name": "tiny", "hparams": {"image_size": [16, 16], "width": 6, "sigma": 0.1}}
+    assert any("different settings (inputs)" in line for line in logs)
 
 
 def test_untrainable_model_rejected(tmp_path, cohorts):

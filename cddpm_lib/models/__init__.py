@@ -28,6 +28,11 @@ REGISTRY: dict[str, str] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
 
+#: hyper-parameters added after checkpoints were first written, with the value those earlier checkpoints were
+#: trained under: :func:`load_model` rebuilds a checkpoint without the key as it was trained, not with today's
+#: default (diffusion models once ran in the images' own [0, 1] range)
+LEGACY_HPARAMS: dict[str, dict[str, Any]] = {name: {"signal_range": (0.0, 1.0)} for name in ("ddpm", "cddpm", "pddpm")}
+
 
 def _builder(name: str):
     if name not in REGISTRY:
@@ -53,10 +58,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UA
     for key in ("model_name", "hparams", "model"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a cddpm-uad checkpoint (missing {key!r})")
-    model = build_model(ckpt["model_name"], **ckpt["hparams"])
+    model = build_model(ckpt["model_name"], **{**LEGACY_HPARAMS.get(ckpt["model_name"], {}), **ckpt["hparams"]})
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model
 
 
-__all__ = ["UADModel", "REGISTRY", "MODEL_NAMES", "build_model", "load_model"]
+__all__ = ["UADModel", "REGISTRY", "MODEL_NAMES", "LEGACY_HPARAMS", "build_model", "load_model"]

@@ -14,8 +14,12 @@ in the middle block only, T = 1000, cosine schedule, simplex noise (6 octaves, p
 authors' code: 512) and a ResNet-50 encoder (authors' code; the paper only says "ResNet"). Documented choices:
 
 - Simplex noise: an independent field per slice (``noise_shared=True`` repeats one field over the batch as the
-  authors' code does); fields are not normalised, as in the authors' code (std ≈ 0.6), so a given ``t_test``
-  removes as much of the image as there; ``noise_normalize=True`` standardises each field.
+  authors' code does); fields are not normalised, as in the authors' code (std ≈ 0.6); ``noise_normalize=True``
+  standardises each field.
+- ``signal_range=(-1, 1)``: the [0, 1] slices are diffused mapped to [−1, 1], as in the authors' code; with their
+  noise this is what makes a given ``t_test`` remove as much of the image as there (``(0, 1)`` diffuses the
+  slices as they are, a much stronger corruption at the same ``t``; :mod:`cddpm_lib.diffusion`). ``L_rec`` is
+  taken in that range; reconstructions come back in [0, 1].
 - ``mask_loss=False``: ``L_rec`` over the whole slice as in the authors' code; ``True`` restricts it to the brain.
 - ``reconstruct`` returns the raw ``x̂0`` (no clipping, no masking); post-processing masks residuals later.
 """
@@ -26,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion, make_betas
+from ..diffusion import GaussianDiffusion, check_signal_range, make_betas
 from ..encoder import ResNetEncoder
 from ..noise import make_noise
 from ..unet import UNet
@@ -64,7 +68,8 @@ class DiffusionAD(UADModel):
                  num_heads: int = 4, dropout: float = 0.0, T: int = 1000, schedule: str = "cosine",
                  noise: str = "simplex", noise_octaves: int = 6, noise_persistence: float = 0.8,
                  noise_frequency: float | None = None, noise_normalize: bool = False, noise_shared: bool = False,
-                 mask_loss: bool = False, lr: float | None = None, **extra: Any) -> None:
+                 signal_range: Sequence[float] = (-1.0, 1.0), mask_loss: bool = False, lr: float | None = None,
+                 **extra: Any) -> None:
         unknown = sorted(set(extra) - set(self.extra_hparams))
         if unknown:
             raise TypeError(f"{self.name}: unknown hyper-parameter(s) {unknown}")
@@ -74,13 +79,13 @@ class DiffusionAD(UADModel):
                          mid_attention=mid_attention, num_heads=num_heads, dropout=dropout, T=T, schedule=schedule,
                          noise=noise, noise_octaves=noise_octaves, noise_persistence=noise_persistence,
                          noise_frequency=noise_frequency, noise_normalize=noise_normalize, noise_shared=noise_shared,
-                         mask_loss=mask_loss, lr=lr, **extra)
+                         signal_range=check_signal_range(signal_range), mask_loss=mask_loss, lr=lr, **extra)
         if lr is not None and not lr > 0:
             raise ValueError(f"{self.name}: lr must be positive or None, got {lr!r}")
         self.image_size, self.mask_loss, self.lr = size, mask_loss, lr
         noise_fn = make_noise(noise, size, noise_octaves, noise_persistence, noise_frequency, noise_normalize,
                               noise_shared)
-        self.diffusion = GaussianDiffusion(make_betas(schedule, T), noise_fn)
+        self.diffusion = GaussianDiffusion(make_betas(schedule, T), noise_fn, self.hparams["signal_range"])
         self.unet = UNet(in_channels=1, out_channels=1, model_channels=model_channels,
                          channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
                          attention_levels=tuple(attention_levels), mid_attention=mid_attention, num_heads=num_heads,
@@ -190,14 +195,15 @@ def build_ddpm(image_size: Sequence[int], model_channels: int = 128, channel_mul
                num_heads: int = 4, dropout: float = 0.0, T: int = 1000, schedule: str = "cosine",
                noise: str = "simplex", noise_octaves: int = 6, noise_persistence: float = 0.8,
                noise_frequency: float | None = None, noise_normalize: bool = False, noise_shared: bool = False,
-               mask_loss: bool = False, lr: float | None = None) -> DiffusionAD:
+               signal_range: Sequence[float] = (-1.0, 1.0), mask_loss: bool = False,
+               lr: float | None = None) -> DiffusionAD:
     """DDPM of paper §3.1/§4.4 (module docstring for every choice); ``image_size = (H, W)``."""
     return DiffusionAD(image_size, model_channels=model_channels, channel_mult=channel_mult,
                        num_res_blocks=num_res_blocks, attention_levels=attention_levels, mid_attention=mid_attention,
                        num_heads=num_heads, dropout=dropout, T=T, schedule=schedule, noise=noise,
                        noise_octaves=noise_octaves, noise_persistence=noise_persistence,
                        noise_frequency=noise_frequency, noise_normalize=noise_normalize, noise_shared=noise_shared,
-                       mask_loss=mask_loss, lr=lr)
+                       signal_range=signal_range, mask_loss=mask_loss, lr=lr)
 
 
 def build_cddpm(image_size: Sequence[int], encoder_depth: int = 50, cond_dim: int = 128, encoder_width: int = 64,

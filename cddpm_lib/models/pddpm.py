@@ -4,8 +4,8 @@ Same U-Net, schedule and simplex noise as the DDPM (:mod:`cddpm_lib.models.ddpm`
 noised changes:
 
 - **training**: one patch of a regular grid, drawn uniformly per slice, is noised to ``x_t`` while the rest of the
-  slice stays clean, ``x_in = (1 − m) · x0 + m · x_t``; the network predicts ``x0`` and ``L_rec`` is the mean
-  ``|x0 − x̂0|`` over the patch (and the brain when ``mask_loss``);
+  slice stays clean, ``x_in = (1 − m) · x0 + m · x_t`` (all of it in the DDPM's ``signal_range``); the network
+  predicts ``x0`` and ``L_rec`` is the mean ``|x0 − x̂0|`` over the patch (and the brain when ``mask_loss``);
 - **test**: each patch in turn is noised with the others clean, reconstructed in one pass at ``t_test``, and the
   patch reconstructions are stitched together (pixels covered by several patches — only with overlapping strides —
   are averaged); a sequence of ``t_test`` averages the stitched reconstructions (ENS).
@@ -92,6 +92,7 @@ class PatchedDiffusionAD(DiffusionAD):
         src = generator.device if generator is not None else x0.device
         which = torch.randint(0, self.masks.shape[0], (b,), generator=generator, device=src).to(x0.device)
         m = self.masks[which]
+        x0 = d.to_signal(x0)  # the whole slice in the signal range, as the authors' code (clean part included)
         x_in = self.noise_patch(x0, d.q_sample(x0, t, d.noise_like(x0, generator)), m)
         region = m
         if self.mask_loss:
@@ -114,7 +115,7 @@ class PatchedDiffusionAD(DiffusionAD):
         ts = as_timesteps(t_test, d.T)
         n_t, n_p, b = len(ts), self.masks.shape[0], x.shape[0]
         t = torch.tensor(ts, device=x.device).repeat_interleave(b)                        # [n_t · B]
-        x_rep = x.repeat(n_t, 1, 1, 1)
+        x_rep = d.to_signal(x).repeat(n_t, 1, 1, 1)
         x_t = d.q_sample(x_rep, t, d.test_noise(x, ts, generator))
         # order (t, patch, slice)
         m = self.masks[None, :, None]                                                     # [1, P, 1, 1, H, W]
@@ -122,7 +123,7 @@ class PatchedDiffusionAD(DiffusionAD):
         t_in = t.view(n_t, 1, b).expand(n_t, n_p, b)
         x_hat = d.predict_x0(self.denoise, x_in.reshape(-1, *x.shape[1:]), t_in.reshape(-1), None, max_batch)
         x_hat = x_hat.view(n_t, n_p, b, *x.shape[1:])
-        return torch.stack([stitch(x_hat[i], self.masks) for i in range(n_t)]).mean(0)
+        return d.from_signal(torch.stack([stitch(x_hat[i], self.masks) for i in range(n_t)]).mean(0))
 
 
 def build_pddpm(image_size: Sequence[int], patch_fraction: float = 0.5, stride_fraction: float | None = None,
