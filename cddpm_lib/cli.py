@@ -20,7 +20,13 @@ def _parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--set {item!r}: expected STAGE.PARAM=VALUE, e.g. training.max_steps=200")
         lhs, value = item.split("=", 1)
         stage, param = lhs.split(".", 1)
-        out.setdefault(stage, {})[param] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value {value!r} is not valid YAML ({first}); quote text, "
+                              "write lists as [1, 2] and mappings as {key: value}") from None
+        out.setdefault(stage, {})[param] = parsed
     return out
 
 

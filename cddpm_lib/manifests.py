@@ -323,10 +323,12 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True) -> pd.DataFrame:
 
     out = paths.source_dir(cfg.source, cfg.profile)
     missing = pd.DataFrame(columns=["dataset", "subject_id", "column", "path"])
+    emptied: list[str] = []
     if cfg.source == "synthetic":
         df, name, origin = synthetic.generate_cohort(cfg, out, progress=progress), "generated", "generated"
     else:
         df, missing = realdata.build_real_manifest(cfg.split, allow_missing=cfg.allow_missing)
+        emptied = realdata.emptied_parts(realdata.load_shipped(cfg.split), df)
         write_manifest(df, paths.raw_manifest_path(cfg.source, cfg.profile))
         name, origin = cfg.split, str(realdata.shipped_manifest_path(cfg.split).relative_to(paths.repo_root()))
     check_manifest(df, n_jobs=max(2, cfg.n_jobs))
@@ -338,6 +340,7 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True) -> pd.DataFrame:
             "rows": {f"{d}/{s}": int(n) for (d, s), n in df.groupby(["dataset", "split"]).size().items()},
             "folds": sorted(int(f) for f in df["fold"].unique() if int(f) >= 0),
             "missing_subjects": int(missing[["dataset", "subject_id"]].drop_duplicates().shape[0]),
+            "empty_parts": emptied,  # (data set, split, fold) left without any subject by allow_missing
             "leaks": int(len(realdata.find_leaks(df)))}
     if cfg.source == "synthetic":
         info.update(seed=cfg.seed, voxel_mm=cfg.voxel_mm, generator=cfg.signature())

@@ -88,9 +88,19 @@ def pipeline_settings(profile: str) -> dict[str, Any]:
     return settings
 
 
+def merge_override(base: Any, override: Any) -> Any:
+    """``override`` on top of ``base``; mappings merge key by key, at every depth (``--set
+    'training.model_hparams={cddpm: {encoder_norm: batch}}'`` changes that one hyper-parameter and keeps the
+    profile's others), anything else replaces."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merge_override(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
 def _params(stage: str, profile: str, overrides: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     params = {"profile": profile, **profile_params(stage, profile), **extra}
-    params.update(overrides.get(stage, {}))
+    for k, v in overrides.get(stage, {}).items():
+        params[k] = merge_override(params.get(k), v)
     return params
 
 
@@ -167,6 +177,40 @@ def check_parameters(nodes: Iterable[Node], notebooks_dir: Path) -> None:
                             f"the notebook accepts {sorted(cache[node.notebook])}")
     if problems:
         raise ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+#: stage -> "module:ConfigClass" of the stage's settings (the class its notebook builds from its parameters)
+STAGE_CONFIGS: dict[str, str] = {
+    "data": "cddpm_lib.manifests:DataConfig",
+    "preprocessing": "cddpm_lib.preprocessing:PreprocessConfig",
+    "ssl": "cddpm_lib.spark:SSLConfig",
+    "training": "cddpm_lib.train:TrainConfig",
+    "reconstruction_quality": "cddpm_lib.quality:ReconstructionQualityConfig",
+    "domain_shift": "cddpm_lib.histograms:DomainShiftConfig",
+    "segmentation": "cddpm_lib.segmentation:SegmentationConfig",
+    "postprocessing_ablation": "cddpm_lib.ablation:PostprocessingAblationConfig",
+}
+
+
+def check_values(nodes: Iterable[Node]) -> None:
+    """Build every node's stage configuration from its parameters before anything runs, so that a bad value
+    (``--set ssl.max_steps=abc``) stops the run at once, with the stage and parameter named, instead of when its
+    notebook starts, possibly hours later."""
+    import importlib
+
+    problems: dict[str, list[str]] = {}  # message -> runs it concerns
+    for node in nodes:
+        if node.stage not in STAGE_CONFIGS:
+            continue
+        module, name = STAGE_CONFIGS[node.stage].split(":")
+        try:
+            getattr(importlib.import_module(module), name).from_namespace(node.parameters)
+        except (ConfigError, ValueError, TypeError) as exc:
+            problems.setdefault(f"stage {node.stage!r}: {exc}", []).append(node.key)
+    if problems:
+        lines = [f"  {msg} ({keys[0]}" + (f" and {len(keys) - 1} more run(s))" if len(keys) > 1 else ")")
+                 for msg, keys in problems.items()]
+        raise ConfigError("invalid parameter value(s):\n" + "\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -298,6 +342,7 @@ def run_pipeline(
             raise ConfigError(f"--force: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     all_nodes = build_dag(profile, overrides)
     check_parameters(all_nodes, notebooks_dir)
+    check_values(all_nodes)
     nodes = _select(all_nodes, only)
     selected = {n.key for n in nodes}
 

@@ -375,7 +375,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def mask_from_image(image: np.ndarray, rel_threshold: float = 0.01) -> np.ndarray:
-    """Brain mask of an already skull-stripped image (BraTS): ``image > rel_threshold · p99``, largest component."""
+    """Brain mask of an already skull-stripped image (BraTS): ``image > rel_threshold · p99``, largest component.
+
+    An image with negative values (standardised intensities, z-scores) has brain voxels of either sign around an
+    exact-zero background: its mask is ``image != 0`` (largest component).
+    """
+    if (image < 0).any():
+        return largest_component(image != 0)
     fg = image[image > 0]
     if fg.size == 0:
         return np.zeros(image.shape, bool)

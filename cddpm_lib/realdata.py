@@ -18,6 +18,7 @@ splits), ``leak_free.csv`` and ``official_leaks.csv``. Each real data set keeps 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,14 @@ def load_shipped(name: str) -> pd.DataFrame:
     return check_schema(pd.read_csv(path, dtype=str, keep_default_na=False), str(path))
 
 
+def emptied_parts(full: pd.DataFrame, kept: pd.DataFrame) -> list[str]:
+    """Parts (data set, split, fold) of ``full`` with rows that keep none in ``kept``, as readable lines."""
+    groups = ["dataset", "split", "fold"]
+    before, after = full.groupby(groups).size(), set(kept.groupby(groups).size().index)
+    return [f"{d} {sp}" + (f" fold {f}" if int(f) >= 0 else "") + f" (all {n} subjects)"
+            for (d, sp, f), n in before.items() if (d, sp, f) not in after]
+
+
 def build_real_manifest(name: str = "official", root: str | os.PathLike | None = None, *,
                         allow_missing: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The raw manifest of the real data: ``data_manifests/<name>.csv`` resolved against ``root`` (default
@@ -214,4 +223,9 @@ def build_real_manifest(name: str = "official", root: str | os.PathLike | None =
     if present.empty:
         raise ManifestError(f"none of the files of data_manifests/{name}.csv exist under {root}; see "
                             "data_manifests/README.md for the expected layout")
+    emptied = emptied_parts(df, present)
+    if emptied:
+        warnings.warn(f"allow_missing: under {root}, these parts of data_manifests/{name}.csv keep no subject "
+                      "(all lack files); stages that train or evaluate on them will have nothing to work on:\n  "
+                      + "\n  ".join(emptied), stacklevel=2)
     return present, missing

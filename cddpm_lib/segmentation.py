@@ -24,6 +24,7 @@ import pandas as pd
 from . import data, paths, reference
 from .config import ConfigError, StageConfig
 from .datasets import EVAL_SETS, model_id
+from .fingerprint import module_fingerprint
 from .metrics import dice, pooled_rank_stats, rank_stats
 from .models import MODEL_NAMES, UADModel, build_model, load_model
 from .postprocessing import PostprocessingSpec, apply_postprocessing, binarize, search_threshold, stack_pooled
@@ -189,6 +190,7 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             continue
         image_size = tuple(load_nifti(first.iloc[0][weighting])[0].shape[:2])
         model = build_run_model(cfg, runs.iloc[0], image_size).to(device).eval()
+        weights = module_fingerprint(model)  # which weights the thresholds belong to (checked by `score`)
         for _, run in runs.iterrows():
             for (dataset, split), sel in rows.items():
                 out = paths.recon_dir(cfg.profile, mid, fold, run["variant"], dataset)
@@ -198,7 +200,7 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
                                           **variant_kwargs(run["variant"]))
                 for rec in idx.to_dict("records"):
                     records.append({**{k: run[k] for k in RUN_KEYS}, "purpose": run["purpose"], "split": split,
-                                    **rec})
+                                    "weights": weights, **rec})
             log(f"[segmentation] reconstructed {run['row']} {run['variant']} fold {fold} ({weighting})")
         del model
     index = pd.DataFrame(records)
@@ -286,7 +288,9 @@ def score_all(cfg: SegmentationConfig, index: pd.DataFrame, log=print) -> tuple[
                                     extras=meta["purpose"] == "table3")
         scores = scores.merge(test[["npz", "subject_id"]], on="npz")
         per_volume.append(scores.assign(**meta))
-        runs.append({**meta, **info, "n_val": len(val), "n_test": len(test), "auprc_region": cfg.auprc_region})
+        weights = {"weights": grp["weights"].iloc[0]} if "weights" in grp else {}
+        runs.append({**meta, **info, "n_val": len(val), "n_test": len(test), "auprc_region": cfg.auprc_region,
+                     **weights})
     pv = pd.concat(per_volume, ignore_index=True) if per_volume else pd.DataFrame()
     info = pd.DataFrame(runs)
     if len(pv):

@@ -181,3 +181,34 @@ def test_unknown_set_stage_is_an_error(fake_env):
     assert not log.exists()  # refused before any notebook ran
     nodes = pipeline.build_dag("smoke", {"training": {"steps": 5}})
     assert next(n for n in nodes if n.stage == "training").parameters["steps"] == 5
+
+
+def test_bad_value_stops_the_run_before_any_notebook(fake_env):
+    nb_dir, log, _ = fake_env
+    _fake_notebook(nb_dir / pipeline.STAGE_NOTEBOOKS["training"], {"profile": "smoke", "source": "synthetic",
+                   "steps": 1, "model": "ddpm", "weighting": "t2", "fold": 0, "ssl": False, "max_steps": 1},
+                   f"open({str(log)!r}, 'a').write('training')")
+    with pytest.raises(ConfigError, match=r"stage 'training': parameter 'max_steps': expected an integer, got str "
+                                          r"'abc' \(training/ddpm_t2/fold0\)"):
+        pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, overrides={"training": {"max_steps": "abc"}},
+                              report=False, log=lambda m: None)
+    assert not log.exists()
+
+
+def test_mapping_overrides_change_only_the_keys_they_name():
+    nodes = pipeline.build_dag("quick", {"training": {"model_hparams": {"cddpm": {"encoder_norm": "batch"}}}})
+    hp = next(n for n in nodes if n.stage == "training").parameters["model_hparams"]
+    profile = pipeline.profile_params("training", "quick")["model_hparams"]
+    assert hp["cddpm"] == {**profile["cddpm"], "encoder_norm": "batch"}
+    assert {k: v for k, v in hp.items() if k != "cddpm"} == {k: v for k, v in profile.items() if k != "cddpm"}
+    assert pipeline.merge_override({"a": [1, 2], "b": {"c": 1}}, {"a": [3], "b": {"d": 2}}) == \
+        {"a": [3], "b": {"c": 1, "d": 2}}  # lists and values replace, mappings merge
+
+
+def test_malformed_set_value_names_the_item():
+    from cddpm_lib.cli import _parse_set
+
+    with pytest.raises(ConfigError, match=r"--set 'training.max_steps=\[1,': the value '\[1,' is not valid YAML"):
+        _parse_set(["training.max_steps=[1,"])
+    assert _parse_set(["training.lr=1e-4", "data.split=leak_free"]) == {"training": {"lr": "1e-4"},
+                                                                         "data": {"split": "leak_free"}}

@@ -374,3 +374,15 @@ def test_rigid_motion_reads_angle_and_shift():
     t.SetRotation((0.0, 0.0, 1.0), np.radians(8.0))
     t.SetTranslation((3.0, 4.0, 0.0))
     assert pp.rigid_motion(t) == pytest.approx((8.0, 5.0))
+
+
+def test_skull_stripped_mask_from_positive_or_standardised_intensities(head):
+    img, brain, _ = head
+    stripped = np.where(brain, img, 0).astype(np.float32)
+    mask = pp.mask_from_image(stripped)
+    assert pp.dice(mask, brain) > 0.95
+    inside = stripped[brain]
+    z = np.where(brain, (stripped - inside.mean()) / inside.std(), 0).astype(np.float32)  # z-scored: both signs
+    assert (z[brain] < 0).mean() > 0.2
+    np.testing.assert_array_equal(pp.mask_from_image(z), pp.largest_component(z != 0))
+    assert pp.dice(pp.mask_from_image(z), brain) > 0.99

@@ -93,15 +93,20 @@ def tree(tmp_path_factory, official):
 
 
 def test_official_manifest_resolves_against_the_tree(tree):
-    present, missing = realdata.build_real_manifest("official", tree)
+    with pytest.warns(UserWarning, match=r"(?s)keep no subject .*\n  BraTS21 test \(all 1151 subjects\)"):
+        present, missing = realdata.build_real_manifest("official", tree)
     assert {d: sorted(set(g)) for d, g in present.groupby("dataset")["subject_id"]} == {
         d: sorted(s) for d, s in TREE.items()}
     assert (present[present.subject_id == "IXI002-Guys-0828"].shape[0]) == 5  # one row per fold
     assert all(p.startswith(str(tree)) for p in present["t1"])
     assert manifests.validate_manifest(present) == []
     assert len(missing) > 0 and not missing["subject_id"].isin(sum(TREE.values(), [])).any()
-    leak_free, _ = realdata.build_real_manifest("leak_free", tree)
+    with pytest.warns(UserWarning, match="keep no subject"):
+        leak_free, _ = realdata.build_real_manifest("leak_free", tree)
     assert manifests.validate_manifest(leak_free) == []
+    emptied = realdata.emptied_parts(realdata.load_shipped("official"), present)
+    assert "IXI test (all 157 subjects)" not in emptied  # IXI116-Guys-0739 is a test subject of the tree
+    assert "MSLUB test (all 20 subjects)" in emptied and "IXI val fold 0 (all 44 subjects)" in emptied
 
 
 def test_missing_files_fail_with_counts_and_a_fix(tree):
@@ -121,6 +126,7 @@ def test_data_stage_on_real_data_records_the_manifest(tree, tmp_path, monkeypatc
     info = json.loads((tmp_path / "real/smoke/data_info.json").read_text())
     assert info["manifest"] == "leak_free" and info["manifest_origin"] == "data_manifests/leak_free.csv"
     assert info["subjects"] == {d: len(s) for d, s in TREE.items()} and info["leaks"] == 0
+    assert info["empty_parts"] == realdata.emptied_parts(realdata.load_shipped("leak_free"), df) != []
     assert len(manifests.load_manifest(paths.raw_manifest_path("real", "smoke"))) == len(df)
 
 
