@@ -67,7 +67,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         out = score_scan(Path(args.scan), Path(args.checkpoint), Path(args.output), weighting=args.weighting,
                          threshold=args.threshold, threshold_dataset=args.threshold_dataset, t_test=args.t_test,
-                         device=args.device, skull_stripped=args.skull_stripped, profile=args.profile)
+                         device=args.device, skull_stripped=args.skull_stripped, profile=args.profile,
+                         t1=Path(args.t1) if args.t1 else None, overwrite=args.overwrite)
     except ScoringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -112,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose validation threshold to use when the run chose one per data set "
                         "(T2: BraTS21 or MSLUB; T1: ATLAS or WMH)")
     s.add_argument("--t-test", type=int, nargs="+", default=None, help="diffusion t_test (several = ensemble)")
+    s.add_argument("--t1", default=None, metavar="T1_SCAN",
+                   help="the T1 scan of the same session as a T2 scan: the T2 is then registered and skull-stripped "
+                        "through it, exactly as the training data (without it, on its own)")
     s.add_argument("--skull-stripped", action="store_true", help="the scan is already skull-stripped")
+    s.add_argument("--overwrite", action="store_true", help="allow an output folder that already holds files")
     s.add_argument("--profile", choices=paths.PROFILES, default=None,
                    help="preprocessing/post-processing settings (default: the checkpoint's run profile)")
     s.add_argument("--device", default="auto")

@@ -570,6 +570,12 @@ class _Clock:
 TRANSFORM_FILE = "transform.tfm"
 
 
+def transform_file(weighting: str, registration_weighting: str) -> str:
+    """File of the transform that placed ``weighting``'s scan: :data:`TRANSFORM_FILE` for the registration
+    weighting, ``transform_<weighting>.tfm`` (registration and rigid alignment, composed) for the others."""
+    return TRANSFORM_FILE if weighting == registration_weighting else f"transform_{weighting}.tfm"
+
+
 def save_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
     """Write a SimpleITK transform atomically (``.tfm``)."""
     from .volumes import atomic_path
@@ -702,6 +708,8 @@ def _run_steps(subject: dict[str, Any], cfg: PreprocessConfig, out_dir: Path, qc
             label = name in ("brain_mask", "seg")
             save_nifti(vol, affine, sub_dir / f"{name}.nii.gz", dtype=np.uint8 if label else np.float32)
         save_transform(tx, sub_dir / TRANSFORM_FILE)
+        for w, rigid in aligned.items():
+            save_transform(then(tx, rigid), sub_dir / transform_file(w, ref))
         qc["files"] = ",".join(vols)
 
 

@@ -1,7 +1,8 @@
 """Score one new scan with a trained model: ``cddpm-uad score scan.nii.gz --checkpoint best.pt ...``.
 
 The scan goes through the same preprocessing as the training data (paper §4.2, the profile's settings: registration
-to the template, skull stripping unless ``skull_stripped``, N4, crop/pad/downsample, percentile rescaling), then the
+to the template, skull stripping unless ``skull_stripped``, N4, crop/pad/downsample, percentile rescaling; a T2
+through its session's T1 when ``t1`` is given, as the training data), then the
 model reconstructs every axial slice, the residual ``|x − x̂|`` gets the paper's post-processing (§4.3: brain mask
 erosion, median filter) and is thresholded; connected components smaller than the segmentation stage's minimum are
 removed.
@@ -23,6 +24,7 @@ was moved or copied keeps its own thresholds instead of picking up those of what
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,7 +103,7 @@ def _stage_runs(profile: str, model_id: str | None, fold: int | None,
     if not csv.exists():
         raise ScoringError(f"no threshold given and {csv} does not exist; run the segmentation stage "
                            "(notebook 06) or pass --threshold")
-    runs = pd.read_csv(csv)
+    runs = pd.read_csv(csv, dtype={"weights": str})  # hex fingerprints: never numbers
     if "purpose" in runs:  # the Fig. 5 sweep's runs have thresholds of their own t_test
         runs = runs[runs["purpose"] == "table3"]
     return runs[(runs["model_id"] == model_id) & (runs["fold"] == fold)], csv
@@ -120,21 +122,27 @@ def stage_variant(profile: str, model_id: str | None, fold: int | None, results:
 
 
 def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str,
-                         dataset: str | None = None, results: Path | None = None) -> tuple[float, str]:
+                         dataset: str | None = None, results: Path | None = None,
+                         weights: str | None = None) -> tuple[float, str]:
     """Threshold the segmentation stage chose on ``dataset``'s validation set for this model/fold/variant, and
     where it came from (the CSV's full path, the data set and the search method).
 
     Thresholds are data-set specific (a tumour threshold is not a lesion threshold), so when the stage chose one
     per evaluation set of the weighting (T2: BraTS21, MSLUB; T1: ATLAS, WMH) ``dataset`` must say which.
-    ``results``: the run's results folder (default ``runs/<profile>/results``).
+    ``results``: the run's results folder (default ``runs/<profile>/results``). ``weights``: the checkpoint's
+    :func:`~cddpm_lib.fingerprint.module_fingerprint`; thresholds the stage recorded for other weights are refused.
     """
+    from .reconstruct import variant_kwargs
+
     runs, csv = _stage_runs(profile, model_id, fold, results)
     hit = runs[runs["variant"] == variant]
     if hit.empty:
         have = sorted(set(runs["variant"]))
+        options = [" ".join(str(t) for t in np.atleast_1d(variant_kwargs(v).get("t_test", []))) for v in have]
+        hint = " or ".join(f"--t-test {o}" for o in options if o)
         raise ScoringError(f"{csv} has no threshold for model {model_id!r}, fold {fold}, variant {variant!r} "
                            f"(it has {have or 'none for this model and fold'}); pass --threshold"
-                           + (f" or --t-test matching one of {have}" if have else ""))
+                           + (f" or {hint}" if hint else ""))
     choices = {str(r["dataset"]): float(r["threshold"]) for _, r in hit.iterrows()}
     if dataset is None and len(choices) > 1:
         listed = ", ".join(f"{d} ({t:.4g})" for d, t in choices.items())
@@ -146,6 +154,11 @@ def validation_threshold(profile: str, model_id: str | None, fold: int | None, v
                            f"(model {model_id!r}, fold {fold}, variant {variant!r})")
     chosen = dataset or next(iter(choices))
     row = hit[hit["dataset"] == chosen].iloc[0]
+    if weights is not None and "weights" in row.index and pd.notna(row["weights"]) and row["weights"] != weights:
+        raise ScoringError(f"the thresholds in {csv} were chosen for other weights of {model_id!r} fold {fold} "
+                           "than this checkpoint holds (the model was trained again after the segmentation stage "
+                           "ran, or this is not the best.pt that stage evaluated); rerun the segmentation stage "
+                           "(notebook 06) or pass --threshold")
     return float(row["threshold"]), f"{csv}: validation on {chosen} ({row['threshold_method']})"
 
 
@@ -212,9 +225,43 @@ def _load_scan(scan: Path) -> None:
         raise ScoringError(f"scan {scan} is constant or holds NaN/inf values")
 
 
+def _check_output(output: Path, overwrite: bool) -> None:
+    """The output folder must be new or empty (or ``overwrite``): scoring another scan into it would replace the
+    earlier scan's maps and summary without a word."""
+    if output.exists() and not output.is_dir():
+        raise ScoringError(f"output {output} is a file; pass a folder (-o)")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ScoringError(f"output folder {output} is not empty (an earlier score?); pass a new folder per scan "
+                           "(e.g. -o out/<scan name>) or --overwrite to replace what it holds")
+
+
+def _check_settings(model, t_test: Sequence[int] | None, threshold: float | None, device: str):
+    """Test-time settings checked before the minutes of preprocessing: ``t_test`` within the model's ``1..T``, a
+    finite ``threshold``, a device torch knows and has. Returns the device."""
+    import torch
+
+    from .runtime import default_device
+
+    if threshold is not None and not np.isfinite(threshold):
+        raise ScoringError(f"--threshold must be a finite number, got {threshold}")
+    if t_test and hasattr(model, "diffusion"):
+        T = model.diffusion.T
+        bad = [t for t in t_test if not 1 <= int(t) <= T]
+        if bad:
+            raise ScoringError(f"--t-test {bad}: noise levels must lie in 1..{T} (the model's T)")
+    try:
+        dev = default_device(device)
+    except RuntimeError as exc:
+        raise ScoringError(f"--device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ScoringError(f"--device {device!r}: this torch build or machine has no CUDA device; use --device cpu")
+    return dev
+
+
 def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, threshold: float | None = None,
                threshold_dataset: str | None = None, t_test: Sequence[int] | None = None, device: str = "auto",
-               skull_stripped: bool = False, profile: str | None = None, seed: int = 0) -> dict[str, Path]:
+               skull_stripped: bool = False, profile: str | None = None, seed: int = 0,
+               t1: Path | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Preprocess, reconstruct, post-process and segment one scan; returns ``{output name: path}``.
 
     Test-time variant: ``t_test`` when given, else the one the segmentation stage used for this model in Table 3
@@ -224,29 +271,43 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
 
     ``profile``: preprocessing and post-processing settings (default: the checkpoint's run profile, else
     ``quick``); the preprocessed size must equal the size the model was trained on.
+
+    ``t1``: the T1 scan of the same session as a T2 ``scan``. The training data's T2 scans were registered (and
+    skull-stripped) through their session's T1, to which each T2 was first aligned rigidly
+    (``registration_weighting``, ``align_weightings``); with ``t1`` the scan gets exactly that. Without it a T2 is
+    registered and skull-stripped on its own, which places and masks it differently (``summary.json`` says so).
+    ``overwrite``: allow an ``output`` folder that already holds files.
     """
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
     from .postprocessing import binarize
-    from .preprocessing import TRANSFORM_FILE, PreprocessConfig, _load_sitk, preprocess_subject, to_native
+    from .preprocessing import PreprocessConfig, _load_sitk, preprocess_subject, to_native, transform_file
     from .reconstruct import reconstruct_volume, subject_seed
-    from .runtime import default_device
     from .segmentation import SegmentationConfig, continuous_map_fn
     from .volumes import load_nifti, save_figure, save_json, save_nifti
 
     scan, checkpoint, output = Path(scan), Path(checkpoint), Path(output)
     if weighting not in WEIGHTINGS:
         raise ScoringError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    _check_output(output, overwrite)
     _load_scan(scan)
+    if t1 is not None:
+        if weighting == "t1":
+            raise ScoringError("--t1 is the T1 scan of the session of a T2 scan; the scan scored is a T1 already")
+        t1 = Path(t1)
+        _load_scan(t1)
     model = _load_checkpoint(checkpoint)
     info = checkpoint_info(checkpoint)
     _check_weighting(weighting, checkpoint, info)
+    dev = _check_settings(model, t_test, threshold, device)
     profile = profile or info.profile or "quick"
     try:
         paths.check_profile(profile)
+        session = ("t1", weighting) if t1 is not None else (weighting,)
         pre_cfg = PreprocessConfig.from_namespace({"profile": profile, "source": "real", "n_jobs": 1,
-                                                   "weightings": (weighting,), "registration_weighting": weighting})
+                                                   "weightings": session, "registration_weighting": session[0]})
+        trained_reg = PreprocessConfig.from_namespace({"profile": profile, "source": "real"}).registration_weighting
         seg_cfg = SegmentationConfig.from_params({**profile_params("segmentation", profile), "profile": profile,
                                                   "device": device})
     except (ConfigError, ValueError) as exc:
@@ -259,13 +320,23 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
         "ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
     variant, recon_kwargs = _variant(model.name, t_test, default)
     if threshold is None:
+        from .fingerprint import module_fingerprint
+
         threshold, threshold_source = validation_threshold(profile, info.model_id, info.fold, variant,
-                                                           threshold_dataset, info.results_dir)
+                                                           threshold_dataset, info.results_dir,
+                                                           weights=module_fingerprint(model))
     else:
         threshold_source = "given (--threshold)"
+    registration = (f"through the session's {pre_cfg.registration_weighting.upper()} (--t1), as the training data"
+                    if t1 is not None or weighting == trained_reg else
+                    f"on the {weighting.upper()} itself: the training data were registered and skull-stripped "
+                    f"through their session's {trained_reg.upper()}, so placement and brain mask can differ; pass "
+                    f"--t1 with the session's {trained_reg.upper()} for the same preprocessing")
+    if t1 is None and weighting != trained_reg:
+        print(f"warning: registering {scan.name} {registration}", file=sys.stderr)
 
     subject = {"dataset": "scored", "subject_id": scan.name.split(".")[0], weighting: str(scan.resolve()),
-               "skull_stripped": int(skull_stripped)}
+               "skull_stripped": int(skull_stripped), **({"t1": str(t1.resolve())} if t1 is not None else {})}
     qc = preprocess_subject(subject, pre_cfg, output / "preprocessed")
     if qc["status"] != "ok":
         raise ScoringError(f"preprocessing {scan} failed at step {qc['failure_step']!r}: {qc['failure_reason']}")
@@ -273,7 +344,6 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     image, affine = load_nifti(sub_dir / f"{weighting}.nii.gz")
     mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
 
-    dev = default_device(device)
     model.to(dev)
     recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=subject_seed(seed, subject["subject_id"]),
                                          **recon_kwargs)
@@ -291,7 +361,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     save_nifti(segmentation.astype(np.uint8), affine, out["preprocessed_segmentation"], dtype=np.uint8)
 
     native = _load_sitk(str(scan))
-    transform = sitk.ReadTransform(str(sub_dir / TRANSFORM_FILE))
+    transform = sitk.ReadTransform(str(sub_dir / transform_file(weighting, pre_cfg.registration_weighting)))
     native_affine = load_nifti(scan)[1]
     native_map = to_native(anomaly, affine, native, transform)
     native_seg = to_native(segmentation.astype(np.float32), affine, native, transform, label=True) > 0.5
@@ -310,7 +380,8 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
 
     save_json({"scan": str(scan), "checkpoint": str(checkpoint), "model": model.name, "model_id": info.model_id,
                "fold": info.fold, "profile": profile, "variant": variant, "test_time": recon_kwargs,
-               "threshold": float(threshold), "threshold_source": threshold_source,
+               "threshold": float(threshold), "threshold_source": threshold_source, "registration": registration,
+               "t1": str(t1) if t1 is not None else None,
                "anomalous_voxels": int(native_seg.sum()), "anomalous_ml": ml(native_seg, native_affine),
                "preprocessed_anomalous_voxels": int(segmentation.sum()),
                "preprocessed_anomalous_ml": ml(segmentation, affine),

@@ -210,3 +210,102 @@ def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
     assert main(["score", str(scan), "--checkpoint", str(runs / "nope.pt"), "-o", str(runs / "o"),
                  "--weighting", "t2", "--threshold", "0.1"]) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def _ddpm_checkpoint(runs):
+    ckpt = paths.checkpoint_dir("smoke", "ddpm_t2", 0) / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_model("ddpm", image_size=(32, 32), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        num_heads=2)
+    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, ckpt)
+    return ckpt, model
+
+
+def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, capsys):
+    ckpt, _ = _ddpm_checkpoint(runs)
+    out = runs / "o"
+    for kwargs, msg in (({"t_test": [2000]}, r"--t-test \[2000\]: noise levels must lie in 1..1000"),
+                        ({"threshold": float("nan")}, "--threshold must be a finite number"),
+                        ({"device": "gpu"}, "--device 'gpu'")):
+        with pytest.raises(ScoringError, match=msg):
+            score_scan(scan, ckpt, out, weighting="t2", **{"threshold": 0.1, **kwargs})
+        assert not out.exists()  # refused before the preprocessing wrote anything
+    out.write_text("a file")
+    with pytest.raises(ScoringError, match="is a file"):
+        score_scan(scan, ckpt, out, weighting="t2", threshold=0.1)
+    out.unlink()
+    score_scan(scan, ckpt, out, weighting="t2", threshold=0.1, skull_stripped=True)
+    with pytest.raises(ScoringError, match="is not empty .*--overwrite"):
+        score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True)
+    score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True, overwrite=True)
+    assert json.loads((out / "summary.json").read_text())["threshold"] == 0.2
+    assert main(["score", str(scan), "--checkpoint", str(ckpt), "-o", str(runs / "o2"), "--weighting", "t2",
+                 "--t-test", "0", "--threshold", "0.1"]) == 2
+    assert "noise levels must lie in 1..1000" in capsys.readouterr().err
+
+
+def test_thresholds_of_other_weights_are_refused(runs, scan):
+    from cddpm_lib.fingerprint import module_fingerprint
+
+    ckpt, model = _ddpm_checkpoint(runs)
+    results = paths.results_dir("smoke")
+    results.mkdir(parents=True)
+
+    def stage_recorded(weights):
+        pd.DataFrame([{"model_id": "ddpm_t2", "fold": 0, "variant": "t500", "purpose": "table3", "dataset": "BraTS21",
+                       "threshold": 0.3, "threshold_method": "bisection", "weights": weights}]).to_csv(
+            results / "segmentation_runs.csv", index=False)
+
+    stage_recorded("0" * 40)  # the stage evaluated other weights (a retrained model, or last.pt)
+    with pytest.raises(ScoringError, match="chosen for other weights of 'ddpm_t2' fold 0 .*--threshold"):
+        score_scan(scan, ckpt, runs / "o", weighting="t2", skull_stripped=True)
+    stage_recorded(module_fingerprint(model))
+    out = score_scan(scan, ckpt, runs / "o", weighting="t2", skull_stripped=True)
+    assert json.loads(out["summary"].read_text())["threshold"] == 0.3
+    with pytest.raises(ScoringError, match=r"variant 'ens' \(it has \['t500'\]\); pass --threshold or --t-test 500$"):
+        score_scan(scan, ckpt, runs / "o2", weighting="t2", skull_stripped=True, t_test=[250, 500, 750])
+
+
+def test_t2_scored_through_its_sessions_t1_as_the_training_data(runs, scan, tmp_path):
+    """With --t1 the T2 is aligned to its session's T1 and placed through the T1's registration; the maps come back
+    onto the T2's own grid through both transforms."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from cddpm_lib import preprocessing as pp
+
+    t = datasets.load_mni152_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2).get_fdata() > 0
+    t1_path = tmp_path / "sub-01_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(brain, t.get_fdata(), 0).astype(np.float32) * 5, t.affine), t1_path)
+    t2 = nib.load(scan).get_fdata().astype(np.float32)
+    turned = ndimage.rotate(t2, 6.0, axes=(0, 1), reshape=False, order=1)  # head motion between the sequences
+    t2_path = tmp_path / "sub-01_T2w_moved.nii.gz"
+    nib.save(nib.Nifti1Image(turned, t.affine), t2_path)
+    ckpt = _checkpoint(runs)
+    out = score_scan(t2_path, ckpt, runs / "o", weighting="t2", threshold=0.05, skull_stripped=True, t1=t1_path)
+    summary = json.loads(out["summary"].read_text())
+    assert summary["registration"].startswith("through the session's T1") and summary["t1"] == str(t1_path)
+    assert summary["preprocessing_qc"]["t2_align_deg"] == pytest.approx(6.0, abs=1.0)
+    sub = out["preprocessed_image"].parent
+    assert (sub / "transform_t2.tfm").exists() and (sub / "t1.nii.gz").exists()
+    mask = nib.load(sub / "brain_mask.nii.gz")
+    back = pp.to_native(mask.get_fdata(), mask.affine, pp._load_sitk(str(t2_path)),
+                        sitk.ReadTransform(str(sub / "transform_t2.tfm")), label=True) > 0.5
+    zs = np.flatnonzero(back.any(axis=(0, 1)))
+    sel = slice(zs.min() + 3, zs.max() - 3)
+    assert pp.dice(back[:, :, sel], (turned > 0)[:, :, sel]) > 0.85  # lands on the moved T2's brain
+    alone = score_scan(t2_path, ckpt, runs / "o2", weighting="t2", threshold=0.05, skull_stripped=True)
+    assert "pass --t1" in json.loads(alone["summary"].read_text())["registration"]
+    with pytest.raises(ScoringError, match="--t1 is the T1 scan of the session of a T2 scan"):
+        score_scan(t1_path, _checkpoint_t1(runs), runs / "o3", weighting="t1", threshold=0.1, t1=t1_path)
+
+
+def _checkpoint_t1(runs):
+    torch.manual_seed(0)
+    model = build_model("ae", image_size=(32, 32), channels=[4, 8], latent_dim=8)
+    path = paths.checkpoint_dir("smoke", "ae_t1", 0) / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, path)
+    return path

@@ -8,6 +8,8 @@ from _segmentation_fixtures import write_checkpoint, write_eval_cohort
 
 from cddpm_lib import paths, segmentation
 from cddpm_lib import segmentation_report as report
+from cddpm_lib.fingerprint import module_fingerprint
+from cddpm_lib.models import load_model
 from cddpm_lib.postprocessing import PostprocessingSpec
 from cddpm_lib.stats import compare_with_baselines
 from cddpm_lib.volumes import save_npz
@@ -54,6 +56,8 @@ def test_stage_end_to_end(roots):
     assert again["reused"].all()
     per_volume, runs = segmentation.score_all(cfg, index, log=lambda m: None)
     assert len(per_volume) == 2 * 2 and {"dice", "auprc", "auroc", "oracle_dice", "dice_other"} <= set(per_volume)
+    ae = runs[runs["row"] == "AE"].iloc[0]  # which weights the threshold belongs to (checked when scoring)
+    assert ae["weights"] == module_fingerprint(load_model(segmentation.checkpoint_path("smoke", "ae_t2", 0)))
     assert (per_volume["oracle_dice"] >= per_volume["dice"] - 1e-9).all()
     folds = report.fold_scores(per_volume)
     table = report.table3(cfg, plan, folds, report.significance(cfg, folds, per_volume))
