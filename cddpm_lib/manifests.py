@@ -55,7 +55,8 @@ class Problem:
         if not self.rows:
             return f"{where}{self.message}"
         rows = ",".join(map(str, self.rows[:5])) + ("…" if len(self.rows) > 5 else "")
-        return f"row {rows} ({self.dataset}/{self.subject_id}) {where}{self.message}"
+        lines = ",".join(str(r + 2) for r in self.rows[:5]) + ("…" if len(self.rows) > 5 else "")
+        return f"row {rows} (CSV line {lines}; {self.dataset}/{self.subject_id}) {where}{self.message}"
 
 
 def _format(problems: list, title: str, limit: int = 200) -> str:
@@ -116,9 +117,16 @@ def check_schema(df: pd.DataFrame, where: str = "manifest") -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    if path.is_dir():
+        raise ValueError(f"manifest {path} is a folder; pass the manifest's CSV file")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"manifest {path} is not a readable CSV file: {exc}") from None
+    if df.empty:
+        raise ValueError(f"manifest {path} has a header but no rows")
     return df
 
 

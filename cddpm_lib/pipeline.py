@@ -336,6 +336,8 @@ def run_pipeline(
     other stages run one at a time on all cores (:data:`EXCLUSIVE_STAGES`).
     """
     paths.check_profile(profile)
+    if int(jobs) < 1:
+        raise ConfigError(f"--jobs must be at least 1 (runs side by side), got {jobs}")
     notebooks_dir = Path(notebooks_dir or paths.repo_root() / "notebooks")
     for stage in force:
         if stage not in STAGES:

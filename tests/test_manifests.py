@@ -79,6 +79,16 @@ def test_schema_errors_name_row_and_column(good, tmp_path):
         assert part in msg
 
 
+def test_unreadable_or_empty_manifest_files_are_named(good, tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    good.iloc[0:0].to_csv(tmp_path / "header_only.csv", index=False)
+    for path, msg in ((tmp_path / "empty.csv", "empty.csv is not a readable CSV file"),
+                      (tmp_path / "header_only.csv", "header_only.csv has a header but no rows"),
+                      (tmp_path, "is a folder; pass the manifest's CSV file")):
+        with pytest.raises(ValueError, match=msg):
+            manifests.load_manifest(path)
+
+
 def test_missing_column_and_duplicates(good, tmp_path):
     good.drop(columns=["site"]).to_csv(tmp_path / "nosite.csv", index=False)
     with pytest.raises(manifests.ManifestError, match=r"missing column\(s\) \['site'\]"):
@@ -143,6 +153,7 @@ def test_validation_reports_every_planted_fault(good, tmp_path):
     }, found
     shared = next(p for p in problems if p.subject_id == "IXI001")
     assert shared.rows == (0, 1) and "IXI/IXI001/brain_mask.nii.gz" in str(shared)  # one file, all its rows
+    assert str(shared).startswith("row 0,1 (CSV line 2,3; IXI/IXI001) brain_mask ")  # as the schema errors say
     with pytest.raises(manifests.ManifestError, match="7 problem"):
         manifests.check_manifest(tmp_path / "m.csv")
 

@@ -168,6 +168,8 @@ def test_failure_names_notebook_and_resumes(fake_env):
 
 def test_unknown_force_stage(fake_env):
     nb_dir, _, _ = fake_env
+    with pytest.raises(ConfigError, match="--jobs must be at least 1"):
+        pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, jobs=0, report=False)
     with pytest.raises(ConfigError, match="unknown stage 'trianing'"):
         pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, force=["trianing"], report=False)
 
