@@ -757,6 +757,9 @@ def _done_qc(subject: dict, cfg: PreprocessConfig, out_dir: Path) -> dict | None
 
 
 def _init_worker(threads: int) -> None:
+    from .runtime import exit_with_parent
+
+    exit_with_parent()  # a stopped run leaves no worker behind
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch

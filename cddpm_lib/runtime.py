@@ -16,6 +16,29 @@ def default_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone.
+
+    A pipeline stopped from outside (``kill``, a scheduler's time limit) ends its notebook kernels, but the
+    kernels' worker pools (preprocessing, cohort generation) would be left running with nobody to collect their
+    results. A daemon thread polls the parent's pid and ends the worker (``os._exit``) when it changes, which is
+    what happens when the parent dies and the worker is handed to another process. Use it as (or in) a pool's
+    ``initializer``.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run."""
     os.environ["PYTHONHASHSEED"] = str(seed)

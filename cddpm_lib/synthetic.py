@@ -24,6 +24,7 @@ from . import lesions
 from .config import ConfigError, StageConfig
 from .headmodel import (ATLAS_VERSION, WEIGHTINGS, Site, SubjectSpec, atlas_factor, load_atlas, render_subject,
                         sample_subject)
+from .runtime import exit_with_parent
 from .volumes import save_json, save_nifti
 
 SITES: dict[str, Site] = {s.name: s for s in (
@@ -198,7 +199,8 @@ def generate_cohort(cfg: SyntheticConfig, out_dir: str | Path, *, progress: bool
     load_atlas(atlas_factor(gen_cfg.voxel_mm))  # built once (and cached on disk) before any worker starts
     bar = tqdm(total=len(todo), desc="synthetic subjects", disable=not progress or not todo)
     if gen_cfg.n_jobs > 1 and len(todo) > 2 * gen_cfg.n_jobs:
-        with ProcessPoolExecutor(gen_cfg.n_jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(gen_cfg.n_jobs, mp_context=get_context("spawn"),
+                                 initializer=exit_with_parent) as pool:  # a stopped run leaves no worker behind
             for _ in pool.map(_write_subject_task, todo, chunksize=2):
                 bar.update()
     else:

@@ -5,6 +5,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,38 @@ def test_default_device_and_seeding():
     a = torch.rand(4)
     runtime.seed_everything(3)
     assert torch.equal(a, torch.rand(4))
+
+
+_ORPHAN_PARENT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
+from cddpm_lib.runtime import exit_with_parent
+pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=partial(exit_with_parent, 0.2))
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 120)
+time.sleep(0.5)
+os._exit(0)  # the parent dies without shutting its pool down (a killed kernel)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited already
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_pool_workers_exit_when_their_parent_dies():
+    import time
+
+    out = subprocess.run([sys.executable, "-c", _ORPHAN_PARENT], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    worker = int(out.stdout.split()[0])
+    deadline = time.time() + 20
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker), "the pool worker outlived its parent"
