@@ -35,13 +35,23 @@ def scan(tmp_path):
     return path
 
 
-def _checkpoint(runs, name="ae", image_size=(32, 32)) -> "object":
+def _checkpoint(runs, name="ae", image_size=(32, 32), weighting="t2") -> "object":
     torch.manual_seed(0)
     model = build_model(name, image_size=image_size, channels=[4, 8], latent_dim=8)
-    path = paths.checkpoint_dir("smoke", f"{name}_t2", 0) / "best.pt"
+    path = paths.checkpoint_dir("smoke", f"{name}_{weighting}", 0) / "best.pt"
     path.parent.mkdir(parents=True)
     torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, path)
     return path
+
+
+def _ddpm_checkpoint(runs):
+    ckpt = paths.checkpoint_dir("smoke", "ddpm_t2", 0) / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_model("ddpm", image_size=(32, 32), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        num_heads=2)
+    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, ckpt)
+    return ckpt, model
 
 
 def test_checkpoint_info_reads_the_run_layout(runs):
@@ -156,12 +166,7 @@ def test_threshold_per_data_set_and_the_stages_variant(runs, scan):
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "WMH")
     with pytest.raises(ScoringError, match=r"variant 't250' \(it has \['t500'\]\)"):  # sweep runs do not count
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t250", "BraTS21")
-    ckpt = paths.checkpoint_dir("smoke", "ddpm_t2", 0) / "best.pt"
-    ckpt.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = build_model("ddpm", image_size=(32, 32), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                        num_heads=2)
-    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, ckpt)
+    ckpt, _ = _ddpm_checkpoint(runs)
     out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True, threshold_dataset="BraTS21")
     summary = json.loads(out["summary"].read_text())
     assert summary["variant"] == "t500" and summary["threshold"] == 0.2 and "BraTS21" in summary["threshold_source"]
@@ -210,16 +215,6 @@ def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
     assert main(["score", str(scan), "--checkpoint", str(runs / "nope.pt"), "-o", str(runs / "o"),
                  "--weighting", "t2", "--threshold", "0.1"]) == 2
     assert "nope.pt" in capsys.readouterr().err
-
-
-def _ddpm_checkpoint(runs):
-    ckpt = paths.checkpoint_dir("smoke", "ddpm_t2", 0) / "best.pt"
-    ckpt.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = build_model("ddpm", image_size=(32, 32), model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                        num_heads=2)
-    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, ckpt)
-    return ckpt, model
 
 
 def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, capsys):
@@ -299,13 +294,5 @@ def test_t2_scored_through_its_sessions_t1_as_the_training_data(runs, scan, tmp_
     alone = score_scan(t2_path, ckpt, runs / "o2", weighting="t2", threshold=0.05, skull_stripped=True)
     assert "pass --t1" in json.loads(alone["summary"].read_text())["registration"]
     with pytest.raises(ScoringError, match="--t1 is the T1 scan of the session of a T2 scan"):
-        score_scan(t1_path, _checkpoint_t1(runs), runs / "o3", weighting="t1", threshold=0.1, t1=t1_path)
+        score_scan(t1_path, _checkpoint(runs, weighting="t1"), runs / "o3", weighting="t1", threshold=0.1, t1=t1_path)
 
-
-def _checkpoint_t1(runs):
-    torch.manual_seed(0)
-    model = build_model("ae", image_size=(32, 32), channels=[4, 8], latent_dim=8)
-    path = paths.checkpoint_dir("smoke", "ae_t1", 0) / "best.pt"
-    path.parent.mkdir(parents=True)
-    torch.save({"model_name": model.name, "hparams": dict(model.hparams), "model": model.state_dict()}, path)
-    return path
