@@ -68,7 +68,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         out = score_scan(Path(args.scan), Path(args.checkpoint), Path(args.output), weighting=args.weighting,
                          threshold=args.threshold, threshold_dataset=args.threshold_dataset, t_test=args.t_test,
                          device=args.device, skull_stripped=args.skull_stripped, profile=args.profile,
-                         t1=Path(args.t1) if args.t1 else None, overwrite=args.overwrite)
+                         t1=Path(args.t1) if args.t1 else None, overwrite=args.overwrite,
+                         amp=args.amp)
     except ScoringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", choices=paths.PROFILES, default=None,
                    help="preprocessing/post-processing settings (default: the checkpoint's run profile)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="mixed precision of the reconstruction (default: the segmentation profile's, none); bf16 "
+                        "on CUDA or a CPU with native bfloat16, fp16 on CUDA")
     s.set_defaults(func=cmd_score)
     return p
 

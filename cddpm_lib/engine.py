@@ -15,7 +15,8 @@ Validation runs on a private RNG with a fixed seed (the same diffusion time step
 of different steps compare).
 
 On a CPU, ``fit`` first lets glibc keep freed memory in the process (:func:`cddpm_lib.runtime.keep_freed_memory`).
-Mixed precision (``amp="bf16"``, or ``"fp16"`` with loss scaling) and channels-last apply on CUDA only. Data
+Mixed precision: ``amp="bf16"`` on CUDA and on CPUs with native bfloat16 (:func:`cddpm_lib.runtime.effective_amp`;
+float32 on other CPUs), ``"fp16"`` with loss scaling on CUDA only. Channels-last applies on CUDA only. Data
 parallel on the GPUs of one machine::
 
     torchrun --standalone --nproc_per_node=4 -m cddpm_lib.train profile=paper model=cddpm weighting=t2 fold=0
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from . import data, paths
 from .config import ConfigError, StageConfig
 from .models import UADModel
-from .runtime import default_device, keep_freed_memory, seed_everything
+from .runtime import autocast, default_device, effective_amp, keep_freed_memory, seed_everything
 from .volumes import save_dataframe, save_json, save_torch
 
 #: config fields that may change between a run and its resumption (they do not change the weights' trajectory)
@@ -77,7 +78,7 @@ class LoopConfig(StageConfig):
     grad_clip: float | None = None  # max gradient norm (None: no clipping, as the paper)
     seed: int = 0  # seeds model initialisation, sampling, augmentation and noise
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision on CUDA
+    amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision: bf16 on CUDA or a bf16 CPU, fp16 on CUDA
     channels_last: bool = True  # channels-last memory format on CUDA
     num_workers: int = 0  # data loader processes (augmentation); 0 = in the training process
     tensorboard: bool = True  # also log to run_dir/tb when TensorBoard is installed
@@ -211,17 +212,10 @@ def _resumable(run_dir: Path, record: dict, log) -> dict[str, Any] | None:
 
 
 def _effective_amp(amp: str, device: torch.device, log) -> str:
-    if amp != "none" and device.type != "cuda":
-        log(f"amp={amp!r} needs a CUDA device; training in float32 on {device}")
-        return "none"
+    amp, note = effective_amp(amp, device)
+    if note:
+        log(note)
     return amp
-
-
-def autocast(amp: str, device: torch.device):
-    """The mixed-precision context of ``amp`` (``none``: float32, no context) on ``device``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def optimisation_step(model: UADModel, batch: dict, optimizers, step: int, *, amp: str = "none",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -193,6 +193,7 @@ class DomainShiftConfig(StageConfig):
     max_volumes: int = 0  # per data set; 0 = all test volumes
     figure_fold: int = 0
     device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # reconstruct under autocast (runtime.effective_amp)
     max_batch: int = 32
     seed: int = 0
 

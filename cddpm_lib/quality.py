@@ -173,6 +173,7 @@ class ReconstructionQualityConfig(StageConfig):
     alternative: Literal["one-sided", "two-sided"] = "one-sided"
     max_volumes: int = 0  # per data set; 0 = all test volumes
     device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # reconstruct under autocast (runtime.effective_amp)
     max_batch: int = 32
     seed: int = 0
     fig2_fold: int = 0
@@ -247,7 +248,8 @@ def reconstruct_rows(model, rows: pd.DataFrame, weighting: str, out_dir: Path, c
         case = load_case(row, weighting, contrast)
         seed = reconstruct.subject_seed(cfg.seed, str(row["subject_id"]))
         recon, *_ = reconstruct.reconstruct_cached(model, case, out_dir / f"{row['subject_id']}.npz", device=device,
-                                                   max_batch=cfg.max_batch, seed=seed, parts=parts, **recon_kwargs)
+                                                   max_batch=cfg.max_batch, seed=seed, parts=parts, amp=cfg.amp,
+                                                   **recon_kwargs)
         yield row, case, recon
 
 

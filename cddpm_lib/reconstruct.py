@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +39,7 @@ import torch
 from . import paths
 from .fingerprint import module_fingerprint, record_fingerprint
 from .models.base import UADModel
-from .runtime import keep_freed_memory
+from .runtime import autocast, effective_amp, keep_freed_memory
 from .volumes import VolumeError, load_nifti, load_npz, save_npz, slices_to_volume, volume_to_slices
 
 #: paper §4.4: the ensemble of test-time noise levels ("ENS")
@@ -107,7 +108,7 @@ def _model_device(model: torch.nn.Module, device: torch.device | str | None) -> 
 @torch.no_grad()
 def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarray, *,
                        device: torch.device | str | None = None, max_batch: int = 64, seed: int | None = None,
-                       **recon_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+                       amp: str = "none", **recon_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Reconstruct all axial slices of one volume.
 
     image, brain_mask: ``[X, Y, Z]`` (intensities in [0, 1]; mask in {0, 1}).
@@ -115,6 +116,9 @@ def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarra
     names them may receive them. Diffusion models get ``max_batch`` (their own batching, result unchanged) and a
     CPU generator seeded with ``seed``; other models see chunks of at most ``max_batch`` slices, or the whole
     volume when ``model.needs_whole_volume`` (SVAE, Thresh with equalisation).
+    ``amp``: ``bf16`` runs the networks under bfloat16 autocast where the device supports it
+    (:func:`cddpm_lib.runtime.effective_amp`; ``fp16`` on CUDA only; elsewhere float32 with a warning); the
+    reconstruction then carries bfloat16's ~3 significant digits (measured in ``BENCHMARKS.md``).
     Returns ``(recon, anomaly)``, both float32 ``[X, Y, Z]``; ``anomaly = |x − x̂|`` unless the model overrides
     ``anomaly_map``. On a CPU it first calls :func:`cddpm_lib.runtime.keep_freed_memory`.
     """
@@ -130,6 +134,9 @@ def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarra
             raise TypeError(f"reconstruct_volume: model {model.name!r} does not take {name!r} at test time; "
                             f"use variant 'default' for it")
     dev = _model_device(model, device)
+    amp, note = effective_amp(amp, dev)
+    if note:
+        warnings.warn(f"reconstruct_volume: {note}", RuntimeWarning, stacklevel=2)
     if dev.type == "cpu":
         keep_freed_memory()  # every chunk frees and reallocates the same buffers
     x = torch.from_numpy(volume_to_slices(image))[:, None].to(dev)                    # [Z, 1, X, Y]
@@ -144,12 +151,17 @@ def reconstruct_volume(model: UADModel, image: np.ndarray, brain_mask: np.ndarra
     recons, anomalies = [], []
     for i in range(0, x.shape[0], chunk):
         xi, mi = x[i:i + chunk], m[i:i + chunk]
-        rec = model.reconstruct(xi, mi, **kwargs)
+        with autocast(amp, dev):
+            rec = model.reconstruct(xi, mi, **kwargs).float()
         if rec.shape != xi.shape:
             raise ValueError(f"reconstruct_volume: {model.name}.reconstruct returned {tuple(rec.shape)} for "
                              f"input {tuple(xi.shape)}")
-        recons.append(rec.float().cpu())
-        anomalies.append((model.anomaly_map(xi, mi, **kwargs) if own_map else (xi - rec).abs()).float().cpu())
+        recons.append(rec.cpu())
+        if own_map:
+            with autocast(amp, dev):
+                anomalies.append(model.anomaly_map(xi, mi, **kwargs).float().cpu())
+        else:
+            anomalies.append((xi - rec).abs().cpu())
     recon = slices_to_volume(torch.cat(recons).numpy()).astype(np.float32)
     anomaly = slices_to_volume(torch.cat(anomalies).numpy()).astype(np.float32)
     return recon, anomaly
@@ -203,12 +215,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def recon_key(model: UADModel, seed: int, recon_kwargs: dict[str, Any]) -> str:
+def recon_key(model: UADModel, seed: int, recon_kwargs: dict[str, Any], amp: str = "none") -> str:
     """Fingerprint of what a reconstruction depends on besides its input: the model's weights
-    (:func:`cddpm_lib.fingerprint.module_fingerprint`) and hyper-parameters, the noise seed and the test-time
-    settings."""
-    return record_fingerprint({"model": module_fingerprint(model), "hparams": dict(getattr(model, "hparams", {})),
-                               "seed": int(seed), "kwargs": recon_kwargs})
+    (:func:`cddpm_lib.fingerprint.module_fingerprint`) and hyper-parameters, the noise seed, the test-time
+    settings and the mixed precision that ran (``amp``, recorded only when not float32, so that float32 keys
+    stay those of earlier versions)."""
+    record = {"model": module_fingerprint(model), "hparams": dict(getattr(model, "hparams", {})),
+              "seed": int(seed), "kwargs": recon_kwargs}
+    if amp != "none":
+        record["amp"] = amp
+    return record_fingerprint(record)
 
 
 def _saved(path: Path, image: np.ndarray, key: str) -> dict[str, np.ndarray] | None:
@@ -225,8 +241,8 @@ def _saved(path: Path, image: np.ndarray, key: str) -> dict[str, np.ndarray] | N
 
 def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | Path, *,
                        device: torch.device | str | None = None, max_batch: int = 64, seed: int = 0,
-                       overwrite: bool = False, parts: dict[int, Path] | None = None, **recon_kwargs: Any
-                       ) -> tuple[np.ndarray, np.ndarray, float, bool]:
+                       overwrite: bool = False, parts: dict[int, Path] | None = None, amp: str = "none",
+                       **recon_kwargs: Any) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """Reconstruction of one volume ``vol`` (``image, brain_mask, seg, affine``), saved to / reused from ``path``.
 
     A valid file of the same input image made by the same weights, seed and settings (:func:`recon_key`, stored
@@ -234,12 +250,14 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
     ``parts`` (``{t: folder}``, see
     :func:`part_dirs`): for an ensemble ``t_test`` list, each single-``t`` part is reused from or saved to
     ``folder/<file name>`` and the ensemble is their mean — equal to one ensemble call with the same ``seed``.
-    ``seed``: the volume's noise seed (:func:`subject_seed`).
+    ``seed``: the volume's noise seed (:func:`subject_seed`). ``amp``: as :func:`reconstruct_volume`; the
+    precision that runs on the device is part of the key.
     Returns ``(recon, anomaly, seconds, reused)``; ``seconds``: the model's wall time for the volume (CUDA
     synchronised; for an ensemble the sum of its parts'; read back from the file when reused).
     """
     path = Path(path)
-    key = recon_key(model, seed, recon_kwargs)
+    amp = effective_amp(amp, _model_device(model, device))[0]
+    key = recon_key(model, seed, recon_kwargs, amp)
     if not overwrite and (z := _saved(path, vol["image"], key)) is not None:
         return z["recon"], z["anomaly"], float(z.get("seconds", np.array(np.nan))), True
     ts = recon_kwargs.get("t_test")
@@ -248,7 +266,7 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
         recons, seconds = [], 0.0
         for t in ts:
             r, _, sec, _ = reconstruct_cached(model, vol, Path(parts[int(t)]) / path.name, device=device,
-                                              max_batch=max_batch, seed=seed, overwrite=overwrite,
+                                              max_batch=max_batch, seed=seed, overwrite=overwrite, amp=amp,
                                               **{**recon_kwargs, "t_test": int(t)})
             recons.append(r)
             seconds += sec
@@ -259,7 +277,7 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
         _sync(dev)
         t0 = time.perf_counter()
         recon, anomaly = reconstruct_volume(model, vol["image"], vol["brain_mask"], device=dev, max_batch=max_batch,
-                                            seed=seed, **recon_kwargs)
+                                            seed=seed, amp=amp, **recon_kwargs)
         _sync(dev)
         seconds = time.perf_counter() - t0
     save_npz(path, image=vol["image"], recon=recon, anomaly=anomaly, brain_mask=vol["brain_mask"],
@@ -269,7 +287,7 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
 
 def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out_dir: str | Path, *,
                         device: torch.device | str | None = None, max_batch: int = 64, overwrite: bool = False,
-                        seed: int = 0, parts: dict[int, Path] | None = None, log=None,
+                        seed: int = 0, parts: dict[int, Path] | None = None, log=None, amp: str = "none",
                         **recon_kwargs: Any) -> pd.DataFrame:
     """Reconstruct every volume of ``rows`` (manifest rows, absolute paths) into ``out_dir/<subject_id>.npz``
     (:func:`reconstruct_cached`; ``parts``: folders of an ensemble's single-``t`` parts).
@@ -288,7 +306,7 @@ def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out
         path = out_dir / f"{sid}.npz"
         _, _, seconds, reused = reconstruct_cached(model, load_case(row, weighting), path, device=dev,
                                                    max_batch=max_batch, seed=subject_seed(seed, sid),
-                                                   overwrite=overwrite, parts=parts, **recon_kwargs)
+                                                   overwrite=overwrite, parts=parts, amp=amp, **recon_kwargs)
         records.append({"subject_id": sid, "dataset": row["dataset"], "npz": str(path), "seconds": seconds,
                         "reused": reused})
         if log is not None and not reused:
@@ -298,17 +316,17 @@ def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out
 
 def time_volumes(model: UADModel, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
                  device: torch.device | str | None = None, max_batch: int = 64, warmup: int = 1,
-                 **recon_kwargs: Any) -> list[float]:
+                 amp: str = "none", **recon_kwargs: Any) -> list[float]:
     """Wall seconds of :func:`reconstruct_volume` per volume after ``warmup`` untimed runs (inference time, §5.4)."""
     dev = _model_device(model, device)
     model.to(dev).eval()
     for i in range(min(warmup, len(images))):
-        reconstruct_volume(model, images[i], masks[i], device=dev, max_batch=max_batch, seed=i, **recon_kwargs)
+        reconstruct_volume(model, images[i], masks[i], device=dev, max_batch=max_batch, seed=i, amp=amp, **recon_kwargs)
     out = []
     for i, (img, msk) in enumerate(zip(images, masks)):
         _sync(dev)
         t0 = time.perf_counter()
-        reconstruct_volume(model, img, msk, device=dev, max_batch=max_batch, seed=i, **recon_kwargs)
+        reconstruct_volume(model, img, msk, device=dev, max_batch=max_batch, seed=i, amp=amp, **recon_kwargs)
         _sync(dev)
         out.append(time.perf_counter() - t0)
     return out

@@ -1,6 +1,7 @@
 """Device choice, seeding and the CPU memory allocator, shared by every stage."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -14,6 +15,44 @@ def default_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def cpu_bf16_supported() -> bool:
+    """True when this CPU runs bfloat16 convolutions and matrix products natively (oneDNN with AVX-512 or AMX).
+
+    Where it does, ``amp="bf16"`` trains and reconstructs on the CPU under ``torch.autocast("cpu", bfloat16)``:
+    measured at the paper width on one AVX-512-BF16 core about 1.9× as fast as float32 (``BENCHMARKS.md``). Other
+    CPUs would emulate bfloat16 at a loss of speed, so the kit then stays in float32.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an operator this torch build does not carry
+        return False
+
+
+def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
+    """The mixed precision ``amp`` (``none``, ``bf16``, ``fp16``) that runs on ``device``, and why it differs.
+
+    CUDA: as asked. CPU: ``bf16`` where :func:`cpu_bf16_supported`, float32 otherwise; ``fp16`` is CUDA only
+    (float16 on a CPU is neither faster nor safe without loss scaling). Returns ``(amp, note)``; ``note`` is
+    ``None`` when ``amp`` runs as asked, else a sentence saying what runs instead.
+    """
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    if amp == "none" or device.type == "cuda" or (amp == "bf16" and device.type == "cpu" and cpu_bf16_supported()):
+        return amp, None
+    why = ("needs a CUDA device" if amp == "fp16" or device.type != "cpu"
+           else "needs a CPU with native bfloat16 support (AVX-512 or AMX) or a CUDA device")
+    return "none", f"amp={amp!r} {why}; running in float32 on {device}"
+
+
+def autocast(amp: str, device: torch.device):
+    """The mixed-precision context of ``amp`` (``none``: float32, no context) on ``device``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def exit_with_parent(poll_seconds: float = 1.0) -> None:

@@ -261,7 +261,7 @@ def _check_settings(model, t_test: Sequence[int] | None, threshold: float | None
 def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, threshold: float | None = None,
                threshold_dataset: str | None = None, t_test: Sequence[int] | None = None, device: str = "auto",
                skull_stripped: bool = False, profile: str | None = None, seed: int = 0,
-               t1: Path | None = None, overwrite: bool = False) -> dict[str, Path]:
+               t1: Path | None = None, overwrite: bool = False, amp: str | None = None) -> dict[str, Path]:
     """Preprocess, reconstruct, post-process and segment one scan; returns ``{output name: path}``.
 
     Test-time variant: ``t_test`` when given, else the one the segmentation stage used for this model in Table 3
@@ -276,7 +276,9 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     skull-stripped) through their session's T1, to which each T2 was first aligned rigidly
     (``registration_weighting``, ``align_weightings``); with ``t1`` the scan gets exactly that. Without it a T2 is
     registered and skull-stripped on its own, which places and masks it differently (``summary.json`` says so).
-    ``overwrite``: allow an ``output`` folder that already holds files.
+    ``overwrite``: allow an ``output`` folder that already holds files. ``amp``: mixed precision of the
+    reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the segmentation profile's, the
+    precision the stage's thresholds were chosen under. ``summary.json`` records the one that ran.
     """
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
@@ -284,6 +286,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     from .postprocessing import binarize
     from .preprocessing import PreprocessConfig, _load_sitk, preprocess_subject, to_native, transform_file
     from .reconstruct import reconstruct_volume, subject_seed
+    from .runtime import effective_amp
     from .segmentation import SegmentationConfig, continuous_map_fn
     from .volumes import load_nifti, save_figure, save_json, save_nifti
 
@@ -309,7 +312,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
                                                    "weightings": session, "registration_weighting": session[0]})
         trained_reg = PreprocessConfig.from_namespace({"profile": profile, "source": "real"}).registration_weighting
         seg_cfg = SegmentationConfig.from_params({**profile_params("segmentation", profile), "profile": profile,
-                                                  "device": device})
+                                                  "device": device, **({"amp": amp} if amp else {})})
     except (ConfigError, ValueError) as exc:
         raise ScoringError(f"profile {profile!r}: {exc}") from exc
     out_hw = pre_cfg.output_shape[:2]
@@ -345,8 +348,11 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
 
     model.to(dev)
+    amp_run, amp_note = effective_amp(seg_cfg.amp, dev)
+    if amp_note:
+        print(f"warning: {amp_note}", file=sys.stderr)
     recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=subject_seed(seed, subject["subject_id"]),
-                                         **recon_kwargs)
+                                         amp=amp_run, **recon_kwargs)
     anomaly = continuous_map_fn(seg_cfg)(residual, mask).astype(np.float32)
     segmentation = binarize(anomaly, threshold, seg_cfg.spec())
 
@@ -380,6 +386,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
 
     save_json({"scan": str(scan), "checkpoint": str(checkpoint), "model": model.name, "model_id": info.model_id,
                "fold": info.fold, "profile": profile, "variant": variant, "test_time": recon_kwargs,
+               "amp": amp_run,
                "threshold": float(threshold), "threshold_source": threshold_source, "registration": registration,
                "t1": str(t1) if t1 is not None else None,
                "anomalous_voxels": int(native_seg.sum()), "anomalous_ml": ml(native_seg, native_affine),

@@ -65,6 +65,7 @@ class SegmentationConfig(StageConfig):
     sweep_cddpm_ssl: bool = True
     max_batch: int = 64
     device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # reconstruct under autocast (runtime.effective_amp)
     seed: int = 0
     max_volumes: int = 0
     threshold_search: Literal["bisection", "exact"] = "bisection"
@@ -195,7 +196,7 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             for (dataset, split), sel in rows.items():
                 out = paths.recon_dir(cfg.profile, mid, fold, run["variant"], dataset)
                 idx = reconstruct_dataset(model, sel, weighting, out, device=device, max_batch=cfg.max_batch,
-                                          overwrite=cfg.overwrite, seed=cfg.seed,
+                                          overwrite=cfg.overwrite, seed=cfg.seed, amp=cfg.amp,
                                           parts=part_dirs(cfg.profile, mid, fold, run["variant"], dataset),
                                           **variant_kwargs(run["variant"]))
                 for rec in idx.to_dict("records"):

@@ -193,7 +193,7 @@ def inference_times(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             continue
         model = load_model(cand.iloc[0]["checkpoint"]).to(device).eval()
         for variant in (f"t{cfg.t_test}", "ens"):
-            secs = time_volumes(model, vols, masks, device=device, max_batch=cfg.max_batch,
+            secs = time_volumes(model, vols, masks, device=device, max_batch=cfg.max_batch, amp=cfg.amp,
                                 **variant_kwargs(variant))
             out.append({"model": m, "variant": variant, "seconds_per_volume": float(np.median(secs)),
                         "n_volumes": len(secs), "device": str(device), "status": "ok"})

@@ -222,6 +222,24 @@ def test_optimisation_step_mixed_precision_follows_float32(amp, scaler):
         assert (step_mp - step32).norm() <= 0.05 * step32.norm()
 
 
+@pytest.mark.parametrize("supported", [True, False])
+def test_fit_in_bfloat16_on_a_cpu_only_where_it_is_native(tmp_path, cohorts, monkeypatch, supported):
+    """``amp="bf16"`` trains on a CPU under bfloat16 autocast where the CPU has native bfloat16 (recorded as
+    ``amp_effective``; the loss still falls) and in float32, with a note in the log, where it has not."""
+    from cddpm_lib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: supported)
+    logs: list[str] = []
+    seed_everything(0)
+    engine.fit(TinyDenoiser(), _cfg(lr=1e-2, max_steps=40, val_every=10, augment=False, amp="bf16", device="cpu"),
+               tmp_path, *cohorts, log=logs.append)
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["amp"] == "bf16" and record["amp_effective"] == ("bf16" if supported else "none")
+    assert any("native bfloat16" in m for m in logs) != supported
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert hist["train_loss"].iloc[-1] < 0.5 * hist["train_loss"].iloc[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

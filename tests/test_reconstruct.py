@@ -100,6 +100,58 @@ def test_own_anomaly_map_is_used():
     np.testing.assert_allclose(anomaly, image * mask, atol=1e-6)
 
 
+class Conv(UADModel):
+    """x̂ = x + conv(x) with a fixed 3×3 kernel: a network whose precision shows under autocast."""
+
+    name = "conv"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 30)
+            self.conv.bias.fill_(0.01)
+
+    def reconstruct(self, x, mask=None, **kwargs: Any):
+        return x + self.conv(x)
+
+
+def test_bfloat16_reconstruction_follows_float32(monkeypatch):
+    """Under bfloat16 autocast the reconstruction is float32 again and within bfloat16's precision (8 bits of
+    mantissa: ≤ 2^-8 relative) of the float32 one, but not equal to it; without native bfloat16 it is float32."""
+    from cddpm_lib import runtime
+
+    image, mask = _volume()
+    model = Conv()
+    ref, _ = reconstruct.reconstruct_volume(model, image, mask)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    recon, anomaly = reconstruct.reconstruct_volume(model, image, mask, amp="bf16")
+    assert recon.dtype == anomaly.dtype == np.float32
+    assert 0 < np.abs(recon - ref).max() <= 2 ** -8 * np.abs(ref).max()
+    np.testing.assert_allclose(anomaly, np.abs(image - recon), atol=1e-6)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    with pytest.warns(RuntimeWarning, match="float32"):
+        same, _ = reconstruct.reconstruct_volume(model, image, mask, amp="bf16")
+    np.testing.assert_array_equal(same, ref)
+
+
+def test_reconstructions_in_another_precision_are_not_reused(tmp_path, monkeypatch):
+    from cddpm_lib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    rows, out, model = _rows(tmp_path), tmp_path / "recon", FakeDiffusion()
+    # float32 keys are those written before the precision was recorded
+    assert reconstruct.recon_key(model, 1, {"t_test": 500}) == reconstruct.recon_key(model, 1, {"t_test": 500},
+                                                                                         "none")
+    reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)
+    assert not reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500)["reused"].any()
+    assert reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500)["reused"].all()
+    # asked for bf16 where it cannot run: the float32 reconstruction it would compute is the one on disk
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)
+    assert reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500)["reused"].all()
+
+
 def _rows(tmp_path, n=2):
     rows = []
     for i in range(n):

@@ -105,3 +105,30 @@ def test_pool_workers_exit_when_their_parent_dies():
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(worker), "the pool worker outlived its parent"
+
+
+def test_effective_amp_on_cpu_follows_native_bfloat16(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.effective_amp("none", cpu) == ("none", None)
+    assert runtime.effective_amp("fp16", cuda) == ("fp16", None) and runtime.effective_amp("bf16", cuda)[0] == "bf16"
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    assert runtime.effective_amp("bf16", cpu) == ("bf16", None)
+    amp, note = runtime.effective_amp("fp16", cpu)
+    assert amp == "none" and "fp16" in note and "CUDA" in note
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    amp, note = runtime.effective_amp("bf16", cpu)
+    assert amp == "none" and "native bfloat16" in note and "float32" in note
+    with pytest.raises(ValueError, match="'bf32'"):
+        runtime.effective_amp("bf32", cpu)
+
+
+def test_cpu_bf16_supported_answers_a_bool():
+    assert isinstance(runtime.cpu_bf16_supported(), bool)
+
+
+def test_autocast_runs_convolutions_in_bfloat16_on_cpu():
+    conv, x = torch.nn.Conv2d(1, 2, 3), torch.rand(1, 1, 5, 5)
+    with runtime.autocast("bf16", torch.device("cpu")):
+        assert conv(x).dtype == torch.bfloat16
+    with runtime.autocast("none", torch.device("cpu")):
+        assert conv(x).dtype == torch.float32

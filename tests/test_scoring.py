@@ -10,7 +10,7 @@ import pytest
 import torch
 from nilearn import datasets
 
-from cddpm_lib import paths, scoring
+from cddpm_lib import paths, runtime, scoring
 from cddpm_lib.cli import main
 from cddpm_lib.models import build_model
 from cddpm_lib.scoring import ScoringError, checkpoint_info, score_scan
@@ -79,6 +79,7 @@ def test_score_writes_maps_in_the_scan_space_and_the_preprocessed_space(runs, sc
     assert set(np.unique(native_seg)) <= {0, 1} and (native_seg[raw.get_fdata() == 0] == 0).all()
     summary = json.loads(out["summary"].read_text())
     assert summary["threshold"] == 0.05 and summary["profile"] == "smoke" and summary["model"] == "ae"
+    assert summary["amp"] == "none"  # the segmentation profile's precision
     assert summary["anomalous_voxels"] == int(native_seg.sum())
     assert summary["preprocessed_anomalous_ml"] == pytest.approx(
         seg.sum() * abs(np.linalg.det(pre.affine[:3, :3])) / 1000)
@@ -217,7 +218,7 @@ def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
     assert "nope.pt" in capsys.readouterr().err
 
 
-def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, capsys):
+def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, capsys, monkeypatch):
     ckpt, _ = _ddpm_checkpoint(runs)
     out = runs / "o"
     for kwargs, msg in (({"t_test": [2000]}, r"--t-test \[2000\]: noise levels must lie in 1..1000"),
@@ -233,8 +234,10 @@ def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, caps
     score_scan(scan, ckpt, out, weighting="t2", threshold=0.1, skull_stripped=True)
     with pytest.raises(ScoringError, match="is not empty .*--overwrite"):
         score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True)
-    score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True, overwrite=True)
-    assert json.loads((out / "summary.json").read_text())["threshold"] == 0.2
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True, overwrite=True, amp="bf16")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == 0.2 and summary["amp"] == "bf16"
     assert main(["score", str(scan), "--checkpoint", str(ckpt), "-o", str(runs / "o2"), "--weighting", "t2",
                  "--t-test", "0", "--threshold", "0.1"]) == 2
     assert "noise levels must lie in 1..1000" in capsys.readouterr().err
