@@ -78,6 +78,7 @@ def load_index(cfg: PostprocessingAblationConfig) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run stage 'segmentation' (notebook 06) first")
     index = pd.read_csv(path, dtype={"subject_id": str})
+    index["npz"] = [str(paths.from_run_relative(p, cfg.profile)) for p in index["npz"]]
     labels = {reference.row_label(*r) for r in ablation_rows(cfg)}
     keep = (index["purpose"] == "table3") & index["row"].isin(labels) & index["fold"].isin(cfg.folds) \
         & index["dataset"].isin(cfg.datasets)

@@ -89,6 +89,23 @@ def recon_dir(profile: str, model_id: str, fold: int, variant: str, dataset: str
     return run_dir(profile) / "recon" / model_id / f"fold{int(fold)}" / variant / dataset
 
 
+def run_relative(path: str | Path, profile: str) -> str:
+    """``path`` relative to ``runs/<profile>`` when it lies inside (as the result tables store reconstruction
+    files, so that a run folder moved or copied elsewhere still finds them), else the path as given."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(run_dir(profile).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def from_run_relative(path: str | Path, profile: str) -> Path:
+    """Inverse of :func:`run_relative`: a relative path is taken under ``runs/<profile>`` of this setting of
+    ``$CDDPM_RUNS_ROOT``; an absolute one (tables of earlier versions) stays as it is."""
+    path = Path(path)
+    return path if path.is_absolute() else run_dir(profile) / path
+
+
 def results_dir(profile: str) -> Path:
     return run_dir(profile) / "results"
 

@@ -175,6 +175,11 @@ def build_run_model(cfg: SegmentationConfig, run: pd.Series, image_size: tuple[i
     return load_model(run["checkpoint"])
 
 
+def _run_relative_npz(table: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """``table`` with its ``npz`` file paths relative to ``runs/<profile>`` (:func:`paths.run_relative`)."""
+    return table.assign(npz=[paths.run_relative(p, profile) for p in table["npz"]])
+
+
 def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> pd.DataFrame:
     """Reconstruct val + test of every available run (one model load per checkpoint) -> the index of npz files
     (``RUN_KEYS, dataset, split, subject_id, npz, seconds``), also saved as ``results/recon_index.csv``."""
@@ -205,8 +210,8 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             log(f"[segmentation] reconstructed {run['row']} {run['variant']} fold {fold} ({weighting})")
         del model
     index = pd.DataFrame(records)
-    if len(index):
-        save_dataframe(index, paths.results_dir(cfg.profile) / "recon_index.csv")
+    if len(index):  # file paths relative to runs/<profile>: a moved run folder still finds its reconstructions
+        save_dataframe(_run_relative_npz(index, cfg.profile), paths.results_dir(cfg.profile) / "recon_index.csv")
     return index
 
 
@@ -295,7 +300,8 @@ def score_all(cfg: SegmentationConfig, index: pd.DataFrame, log=print) -> tuple[
     pv = pd.concat(per_volume, ignore_index=True) if per_volume else pd.DataFrame()
     info = pd.DataFrame(runs)
     if len(pv):
-        save_dataframe(pv, paths.results_dir(cfg.profile) / "segmentation_per_volume.csv")
+        save_dataframe(_run_relative_npz(pv, cfg.profile),
+                       paths.results_dir(cfg.profile) / "segmentation_per_volume.csv")
         save_dataframe(info, paths.results_dir(cfg.profile) / "segmentation_runs.csv")
     return pv, info
 

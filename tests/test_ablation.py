@@ -1,6 +1,8 @@
 """Stage 07 re-scores saved reconstructions with one post-processing step removed (Table 4)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -65,3 +67,23 @@ def test_table4_from_saved_maps(index):
 def test_config_rejects_unknown_step():
     with pytest.raises(ValueError, match="removed"):
         _cfg(removed=("XX",))
+
+
+def test_a_moved_run_folder_still_finds_its_reconstructions(tmp_path, monkeypatch):
+    """Stage 06 writes the reconstruction files of ``recon_index.csv`` relative to ``runs/<profile>``, so stage 07
+    reads them from wherever the run folder now lies; absolute paths (earlier tables) are read as they are."""
+    from cddpm_lib.segmentation import _run_relative_npz
+
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "runs"))
+    inside = save_npz(paths.recon_dir("smoke", "dae", 0, "default", "BraTS21") / "s1.npz", image=np.zeros(2))
+    outside = save_npz(tmp_path / "elsewhere" / "s2.npz", image=np.zeros(2))
+    table = pd.DataFrame({"row": "DAE", "purpose": "table3", "fold": 0, "dataset": "BraTS21", "subject_id": ["1", "2"],
+                          "npz": [str(inside), str(outside)]})
+    save_dataframe(_run_relative_npz(table, "smoke"), paths.results_dir("smoke") / "recon_index.csv")
+    stored = pd.read_csv(paths.results_dir("smoke") / "recon_index.csv")["npz"].tolist()
+    assert stored == ["recon/dae/fold0/default/BraTS21/s1.npz", str(outside)]
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    monkeypatch.setenv("CDDPM_RUNS_ROOT", str(tmp_path / "moved"))
+    got = ablation.load_index(_cfg(models=("dae",)))["npz"].tolist()
+    assert got == [str(tmp_path / "moved" / "smoke" / stored[0]), str(outside)]
+    assert all(Path(p).exists() for p in got)
