@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ("preprocessing", "noise", "unet", "training", "cpu", "metrics")
+ORDER = ("preprocessing", "noise", "unet", "amp", "training", "cpu", "metrics")
 
 
 def _rank(section: Path) -> tuple[int, str]:

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
                    help="mixed precision of the reconstruction (default: the segmentation profile's, none); bf16 "
-                        "on CUDA or a CPU with native bfloat16, fp16 on CUDA")
+                        "on CUDA or an AVX-512 CPU, fp16 on CUDA")
     s.set_defaults(func=cmd_score)
     return p
 

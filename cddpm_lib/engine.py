@@ -15,7 +15,7 @@ Validation runs on a private RNG with a fixed seed (the same diffusion time step
 of different steps compare).
 
 On a CPU, ``fit`` first lets glibc keep freed memory in the process (:func:`cddpm_lib.runtime.keep_freed_memory`).
-Mixed precision: ``amp="bf16"`` on CUDA and on CPUs with native bfloat16 (:func:`cddpm_lib.runtime.effective_amp`;
+Mixed precision: ``amp="bf16"`` on CUDA and on CPUs that run bfloat16 (:func:`cddpm_lib.runtime.effective_amp`;
 float32 on other CPUs), ``"fp16"`` with loss scaling on CUDA only. Channels-last applies on CUDA only. Data
 parallel on the GPUs of one machine::
 

@@ -18,11 +18,13 @@ def default_device(requested: str = "auto") -> torch.device:
 
 
 def cpu_bf16_supported() -> bool:
-    """True when this CPU runs bfloat16 convolutions and matrix products natively (oneDNN with AVX-512 or AMX).
+    """True when oneDNN runs bfloat16 convolutions and matrix products on this CPU (AVX-512 or newer: what
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported`` reports).
 
     Where it does, ``amp="bf16"`` trains and reconstructs on the CPU under ``torch.autocast("cpu", bfloat16)``:
-    measured at the paper width on one AVX-512-BF16 core about 1.9× as fast as float32 (``BENCHMARKS.md``). Other
-    CPUs would emulate bfloat16 at a loss of speed, so the kit then stays in float32.
+    measured at the paper width on one core with AVX-512-BF16 instructions about 1.9× as fast as float32
+    (``BENCHMARKS.md``; AVX-512 cores without them convert in software, unmeasured here). On older CPUs PyTorch
+    would fall back to slow reference kernels, so the kit then stays in float32.
     """
     if not torch.backends.mkldnn.is_available():
         return False
@@ -44,7 +46,7 @@ def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
     if amp == "none" or device.type == "cuda" or (amp == "bf16" and device.type == "cpu" and cpu_bf16_supported()):
         return amp, None
     why = ("needs a CUDA device" if amp == "fp16" or device.type != "cpu"
-           else "needs a CPU with native bfloat16 support (AVX-512 or AMX) or a CUDA device")
+           else "needs a CPU on which oneDNN runs bfloat16 (AVX-512 or newer) or a CUDA device")
     return "none", f"amp={amp!r} {why}; running in float32 on {device}"
 
 

@@ -224,7 +224,7 @@ def test_optimisation_step_mixed_precision_follows_float32(amp, scaler):
 
 @pytest.mark.parametrize("supported", [True, False])
 def test_fit_in_bfloat16_on_a_cpu_only_where_it_is_native(tmp_path, cohorts, monkeypatch, supported):
-    """``amp="bf16"`` trains on a CPU under bfloat16 autocast where the CPU has native bfloat16 (recorded as
+    """``amp="bf16"`` trains on a CPU under bfloat16 autocast where oneDNN runs bfloat16 on the CPU (recorded as
     ``amp_effective``; the loss still falls) and in float32, with a note in the log, where it has not."""
     from cddpm_lib import runtime
 
@@ -235,7 +235,7 @@ def test_fit_in_bfloat16_on_a_cpu_only_where_it_is_native(tmp_path, cohorts, mon
                tmp_path, *cohorts, log=logs.append)
     record = json.loads((tmp_path / "config.json").read_text())
     assert record["amp"] == "bf16" and record["amp_effective"] == ("bf16" if supported else "none")
-    assert any("native bfloat16" in m for m in logs) != supported
+    assert any("oneDNN runs bfloat16" in m for m in logs) != supported
     hist = pd.read_csv(tmp_path / "history.csv")
     assert hist["train_loss"].iloc[-1] < 0.5 * hist["train_loss"].iloc[0]
 

@@ -118,7 +118,7 @@ class Conv(UADModel):
 
 def test_bfloat16_reconstruction_follows_float32(monkeypatch):
     """Under bfloat16 autocast the reconstruction is float32 again and within bfloat16's precision (8 bits of
-    mantissa: ≤ 2^-8 relative) of the float32 one, but not equal to it; without native bfloat16 it is float32."""
+    mantissa: ≤ 2^-8 relative) of the float32 one, but not equal to it; where the CPU cannot it is float32."""
     from cddpm_lib import runtime
 
     image, mask = _volume()

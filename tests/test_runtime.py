@@ -117,7 +117,7 @@ def test_effective_amp_on_cpu_follows_native_bfloat16(monkeypatch):
     assert amp == "none" and "fp16" in note and "CUDA" in note
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
     amp, note = runtime.effective_amp("bf16", cpu)
-    assert amp == "none" and "native bfloat16" in note and "float32" in note
+    assert amp == "none" and "oneDNN runs bfloat16" in note and "float32" in note
     with pytest.raises(ValueError, match="'bf32'"):
         runtime.effective_amp("bf32", cpu)
 
