@@ -161,12 +161,15 @@ class GaussianDiffusion(nn.Module):
     # --- one-step reconstruction (paper §3.1) ---------------------------------------------------------
     def predict_x0(self, denoise: Denoiser, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
                    max_batch: int | None = None) -> Tensor:
-        """``x̂0 = denoise(x_t, t, cond)`` in chunks of at most ``max_batch`` samples (same result as one pass)."""
+        """``x̂0 = denoise(x_t, t, cond)`` in chunks of at most ``max_batch`` samples (same result as one pass), in
+        ``x_t``'s dtype (a network run under autocast answers in reduced precision; the result is cast back)."""
         n = x_t.shape[0]
         step = n if not max_batch else int(max_batch)
         if step < 1:
             raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
-        outs = [denoise(x_t[i:i + step], t[i:i + step], None if cond is None else cond[i:i + step])
+        # Cast back to the input's dtype: under autocast the network answers in bfloat16/float16, and the
+        # ensemble mean and the map out of the signal range should run in the input's precision.
+        outs = [denoise(x_t[i:i + step], t[i:i + step], None if cond is None else cond[i:i + step]).to(x_t.dtype)
                 for i in range(0, n, step)]
         return torch.cat(outs) if outs else x_t.clone()
 

@@ -192,25 +192,43 @@ STAGE_CONFIGS: dict[str, str] = {
 }
 
 
-def check_values(nodes: Iterable[Node]) -> None:
+# Stages that reconstruct the same test volumes with the same models and share the files (reconstruct.recon_key),
+# and the settings that are part of that key: differing values make each stage reconstruct on its own.
+SHARED_RECONSTRUCTION_STAGES = ("reconstruction_quality", "domain_shift", "segmentation")
+SHARED_RECONSTRUCTION_SETTINGS = ("seed", "amp")
+
+
+def check_values(nodes: Iterable[Node]) -> list[str]:
     """Build every node's stage configuration from its parameters before anything runs, so that a bad value
     (``--set ssl.max_steps=abc``) stops the run at once, with the stage and parameter named, instead of when its
-    notebook starts, possibly hours later."""
+    notebook starts, possibly hours later.
+
+    Returns warnings (the run goes on): :data:`SHARED_RECONSTRUCTION_SETTINGS` that differ between the
+    :data:`SHARED_RECONSTRUCTION_STAGES`, whose reconstructions are then neither shared nor of the same noise and
+    precision (e.g. ``--set segmentation.amp=bf16`` alone)."""
     import importlib
 
     problems: dict[str, list[str]] = {}  # message -> runs it concerns
+    shared: dict[str, dict[str, Any]] = {}  # setting -> {stage: value}
     for node in nodes:
         if node.stage not in STAGE_CONFIGS:
             continue
         module, name = STAGE_CONFIGS[node.stage].split(":")
         try:
-            getattr(importlib.import_module(module), name).from_namespace(node.parameters)
+            cfg = getattr(importlib.import_module(module), name).from_namespace(node.parameters)
         except (ConfigError, ValueError, TypeError) as exc:
             problems.setdefault(f"stage {node.stage!r}: {exc}", []).append(node.key)
+            continue
+        if node.stage in SHARED_RECONSTRUCTION_STAGES:
+            for setting in SHARED_RECONSTRUCTION_SETTINGS:
+                shared.setdefault(setting, {})[node.stage] = getattr(cfg, setting)
     if problems:
         lines = [f"  {msg} ({keys[0]}" + (f" and {len(keys) - 1} more run(s))" if len(keys) > 1 else ")")
                  for msg, keys in problems.items()]
         raise ConfigError("invalid parameter value(s):\n" + "\n".join(lines))
+    return [f"{setting} differs between stages ({', '.join(f'{st}.{setting}={v!r}' for st, v in values.items())}): "
+            "they reconstruct the same test volumes, which are then not shared and not alike; set it for all "
+            "three stages" for setting, values in shared.items() if len(set(values.values())) > 1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,7 +362,8 @@ def run_pipeline(
             raise ConfigError(f"--force: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     all_nodes = build_dag(profile, overrides)
     check_parameters(all_nodes, notebooks_dir)
-    check_values(all_nodes)
+    for warning in check_values(all_nodes):
+        log(f"[pipeline] warning: {warning}")
     nodes = _select(all_nodes, only)
     selected = {n.key for n in nodes}
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -41,7 +42,7 @@ from .config import ConfigError, StageConfig
 from .datasets import EVAL_SETS, HEALTHY, model_id
 from .models import MODEL_NAMES, load_model
 from .perceptual import SUBSTITUTE_LABEL, resolve_perceptual
-from .runtime import default_device
+from .runtime import default_device, effective_amp
 
 #: Wang et al. (2004) SSIM constants and window, used by :func:`ssim`
 SSIM_SIGMA = 1.5
@@ -243,12 +244,15 @@ def reconstruct_rows(model, rows: pd.DataFrame, weighting: str, out_dir: Path, c
     """Yield ``(row, case, recon)`` for every manifest row, reconstructing into (or reusing from) ``out_dir``
     (``parts``: folders of an ensemble's single-``t`` parts, :func:`reconstruct.part_dirs`)."""
     device = default_device(cfg.device)
+    amp, note = effective_amp(cfg.amp, device)  # said once here, not once per volume
+    if note:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
     model.to(device).eval()
     for _, row in rows.iterrows():
         case = load_case(row, weighting, contrast)
         seed = reconstruct.subject_seed(cfg.seed, str(row["subject_id"]))
         recon, *_ = reconstruct.reconstruct_cached(model, case, out_dir / f"{row['subject_id']}.npz", device=device,
-                                                   max_batch=cfg.max_batch, seed=seed, parts=parts, amp=cfg.amp,
+                                                   max_batch=cfg.max_batch, seed=seed, parts=parts, amp=amp,
                                                    **recon_kwargs)
         yield row, case, recon
 

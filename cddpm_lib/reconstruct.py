@@ -256,7 +256,9 @@ def reconstruct_cached(model: UADModel, vol: dict[str, np.ndarray], path: str | 
     synchronised; for an ensemble the sum of its parts'; read back from the file when reused).
     """
     path = Path(path)
-    amp = effective_amp(amp, _model_device(model, device))[0]
+    amp, note = effective_amp(amp, _model_device(model, device))
+    if note:
+        warnings.warn(f"reconstruct_cached: {note}", RuntimeWarning, stacklevel=2)
     key = recon_key(model, seed, recon_kwargs, amp)
     if not overwrite and (z := _saved(path, vol["image"], key)) is not None:
         return z["recon"], z["anomaly"], float(z.get("seconds", np.array(np.nan))), True
@@ -299,6 +301,11 @@ def reconstruct_dataset(model: UADModel, rows: pd.DataFrame, weighting: str, out
         raise ValueError(f"reconstruct_dataset: the manifest rows have no {weighting!r} column")
     out_dir = Path(out_dir)
     dev = _model_device(model, device)
+    amp, note = effective_amp(amp, dev)  # said once here, not once per volume
+    if note:
+        warnings.warn(f"reconstruct_dataset: {note}", RuntimeWarning, stacklevel=2)
+        if log is not None:
+            log(f"[reconstruct] warning: {note}")
     model.to(dev).eval()
     records = []
     for _, row in rows.iterrows():

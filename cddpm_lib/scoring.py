@@ -121,6 +121,19 @@ def stage_variant(profile: str, model_id: str | None, fold: int | None, results:
     return variants[0] if len(variants) == 1 else None
 
 
+def stage_amp(profile: str, model_id: str | None, fold: int | None, results: Path | None = None) -> str | None:
+    """The precision the segmentation stage reconstructed this model with (``segmentation_runs.csv``'s ``amp``:
+    the one that ran, after any fallback), or ``None`` when the stage recorded none or more than one."""
+    try:
+        runs, _ = _stage_runs(profile, model_id, fold, results)
+    except ScoringError:
+        return None
+    if "amp" not in runs:
+        return None
+    amps = list(dict.fromkeys(runs["amp"].dropna().astype(str)))
+    return amps[0] if len(amps) == 1 else None
+
+
 def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str,
                          dataset: str | None = None, results: Path | None = None,
                          weights: str | None = None) -> tuple[float, str]:
@@ -277,8 +290,9 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     (``registration_weighting``, ``align_weightings``); with ``t1`` the scan gets exactly that. Without it a T2 is
     registered and skull-stripped on its own, which places and masks it differently (``summary.json`` says so).
     ``overwrite``: allow an ``output`` folder that already holds files. ``amp``: mixed precision of the
-    reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the segmentation profile's, the
-    precision the stage's thresholds were chosen under. ``summary.json`` records the one that ran.
+    reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the precision the segmentation
+    stage reconstructed this model with, under which its thresholds were chosen (:func:`stage_amp`), else the
+    segmentation profile's. ``summary.json`` records the one that ran.
     """
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
@@ -348,7 +362,8 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
 
     model.to(dev)
-    amp_run, amp_note = effective_amp(seg_cfg.amp, dev)
+    requested = amp or stage_amp(profile, info.model_id, info.fold, info.results_dir) or seg_cfg.amp
+    amp_run, amp_note = effective_amp(requested, dev)
     if amp_note:
         print(f"warning: {amp_note}", file=sys.stderr)
     recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=subject_seed(seed, subject["subject_id"]),

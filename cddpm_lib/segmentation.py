@@ -29,7 +29,7 @@ from .metrics import dice, pooled_rank_stats, rank_stats
 from .models import MODEL_NAMES, UADModel, build_model, load_model
 from .postprocessing import PostprocessingSpec, apply_postprocessing, binarize, search_threshold, stack_pooled
 from .reconstruct import load_recon, part_dirs, reconstruct_dataset, variant_kwargs, variant_name
-from .runtime import default_device
+from .runtime import default_device, effective_amp
 from .volumes import load_nifti, save_dataframe
 
 RUN_KEYS = ["row", "model", "ssl", "ens", "variant", "weighting", "fold", "model_id"]
@@ -184,6 +184,9 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
     """Reconstruct val + test of every available run (one model load per checkpoint) -> the index of npz files
     (``RUN_KEYS, dataset, split, subject_id, npz, seconds``), also saved as ``results/recon_index.csv``."""
     device = default_device(cfg.device)
+    amp, note = effective_amp(cfg.amp, device)  # the precision that runs, recorded with every reconstruction
+    if note:
+        log(f"[segmentation] warning: {note}")
     records = []
     todo = plan[plan["status"] != "missing checkpoint"]
     for (mid, fold), runs in todo.groupby(["model_id", "fold"], sort=False):
@@ -201,12 +204,12 @@ def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             for (dataset, split), sel in rows.items():
                 out = paths.recon_dir(cfg.profile, mid, fold, run["variant"], dataset)
                 idx = reconstruct_dataset(model, sel, weighting, out, device=device, max_batch=cfg.max_batch,
-                                          overwrite=cfg.overwrite, seed=cfg.seed, amp=cfg.amp,
+                                          overwrite=cfg.overwrite, seed=cfg.seed, amp=amp,
                                           parts=part_dirs(cfg.profile, mid, fold, run["variant"], dataset),
                                           **variant_kwargs(run["variant"]))
                 for rec in idx.to_dict("records"):
                     records.append({**{k: run[k] for k in RUN_KEYS}, "purpose": run["purpose"], "split": split,
-                                    "weights": weights, **rec})
+                                    "weights": weights, "amp": amp, **rec})
             log(f"[segmentation] reconstructed {run['row']} {run['variant']} fold {fold} ({weighting})")
         del model
     index = pd.DataFrame(records)
@@ -294,9 +297,9 @@ def score_all(cfg: SegmentationConfig, index: pd.DataFrame, log=print) -> tuple[
                                     extras=meta["purpose"] == "table3")
         scores = scores.merge(test[["npz", "subject_id"]], on="npz")
         per_volume.append(scores.assign(**meta))
-        weights = {"weights": grp["weights"].iloc[0]} if "weights" in grp else {}
+        recorded = {k: grp[k].iloc[0] for k in ("weights", "amp") if k in grp}  # older indexes lack them
         runs.append({**meta, **info, "n_val": len(val), "n_test": len(test), "auprc_region": cfg.auprc_region,
-                     **weights})
+                     **recorded})
     pv = pd.concat(per_volume, ignore_index=True) if per_volume else pd.DataFrame()
     info = pd.DataFrame(runs)
     if len(pv):

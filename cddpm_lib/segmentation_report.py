@@ -21,7 +21,7 @@ from .datasets import EVAL_SETS
 from .models import load_model
 from .postprocessing import binarize
 from .reconstruct import load_recon, time_volumes, variant_kwargs
-from .runtime import default_device
+from .runtime import default_device, effective_amp
 from .segmentation import SegmentationConfig, continuous_map_fn, eval_rows, table3_rows
 from .stats import compare_with_baselines, stars
 from .tables import side_by_side, summarize, to_markdown, to_wide, write_table
@@ -177,6 +177,7 @@ def inference_times(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
     back in this process on the first ``timing_volumes`` test volumes (first fold, first weighting), with
     cDDPM's relative change against each and the paper's (§5.4: +2 % vs DDPM, −37 % vs pDDPM)."""
     device = default_device(cfg.device)
+    amp = effective_amp(cfg.amp, device)[0]  # the precision timed (the reconstruction stage said any fallback)
     w = cfg.weightings[0]
     sets = [d for d in EVAL_SETS[w] if d in cfg.datasets]
     rows = eval_rows(cfg, sets[0], "test", w).head(cfg.timing_volumes) if sets else pd.DataFrame()
@@ -193,10 +194,10 @@ def inference_times(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> p
             continue
         model = load_model(cand.iloc[0]["checkpoint"]).to(device).eval()
         for variant in (f"t{cfg.t_test}", "ens"):
-            secs = time_volumes(model, vols, masks, device=device, max_batch=cfg.max_batch, amp=cfg.amp,
+            secs = time_volumes(model, vols, masks, device=device, max_batch=cfg.max_batch, amp=amp,
                                 **variant_kwargs(variant))
             out.append({"model": m, "variant": variant, "seconds_per_volume": float(np.median(secs)),
-                        "n_volumes": len(secs), "device": str(device), "status": "ok"})
+                        "n_volumes": len(secs), "device": str(device), "amp": amp, "status": "ok"})
             log(f"[segmentation] inference {m} {variant}: {np.median(secs):.3f} s/volume")
     df = pd.DataFrame(out)
     for ref, paper in reference.INFERENCE_TIME_RATIOS.items():

@@ -128,6 +128,22 @@ def test_ensemble_is_the_mean_of_single_t_reconstructions():
     assert torch.allclose(ens, torch.stack(singles).mean(0), atol=1e-6)
 
 
+def test_reduced_precision_predictions_are_averaged_in_the_inputs_precision():
+    """A network under autocast answers in bfloat16; the ensemble mean and the map back to [0, 1] run in float32,
+    so the ensemble is the mean of its single-t parts as in float32."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000, SimplexNoise())
+    x0 = torch.rand(3, 1, 16, 16)
+
+    def bf16_denoiser(x_t, t, cond):
+        return _denoiser(x_t, t, cond).to(torch.bfloat16)
+
+    ens = d.reconstruct(bf16_denoiser, x0, [250, 500, 750], generator=torch.Generator().manual_seed(5))
+    singles = [d.reconstruct(bf16_denoiser, x0, t, generator=torch.Generator().manual_seed(5))
+               for t in (250, 500, 750)]
+    assert ens.dtype == torch.float32
+    assert torch.allclose(ens, torch.stack(singles).mean(0), atol=1e-6)
+
+
 def test_max_batch_does_not_change_the_reconstruction():
     d = GaussianDiffusion.from_schedule("cosine", 1000, SimplexNoise())
     x0 = torch.rand(5, 1, 16, 16)

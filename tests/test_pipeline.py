@@ -214,3 +214,13 @@ def test_malformed_set_value_names_the_item():
         _parse_set(["training.max_steps=[1,"])
     assert _parse_set(["training.lr=1e-4", "data.split=leak_free"]) == {"training": {"lr": "1e-4"},
                                                                          "data": {"split": "leak_free"}}
+
+
+def test_stages_sharing_reconstructions_are_warned_of_differing_seed_or_amp():
+    assert pipeline.check_values(pipeline.build_dag("smoke")) == []
+    warnings = pipeline.check_values(pipeline.build_dag("smoke", {"segmentation": {"amp": "bf16"},
+                                                                  "domain_shift": {"seed": 3}}))
+    assert len(warnings) == 2
+    seed, amp = sorted(warnings, key=lambda w: not w.startswith("seed"))
+    assert "domain_shift.seed=3" in seed and "segmentation.seed=0" in seed
+    assert "segmentation.amp='bf16'" in amp and "reconstruction_quality.amp='none'" in amp

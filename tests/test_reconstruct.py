@@ -140,16 +140,18 @@ def test_reconstructions_in_another_precision_are_not_reused(tmp_path, monkeypat
 
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
     rows, out, model = _rows(tmp_path), tmp_path / "recon", FakeDiffusion()
-    # float32 keys are those written before the precision was recorded
-    assert reconstruct.recon_key(model, 1, {"t_test": 500}) == reconstruct.recon_key(model, 1, {"t_test": 500},
-                                                                                         "none")
+    assert reconstruct.recon_key(model, 1, {"t_test": 500}, "bf16") != reconstruct.recon_key(model, 1, {"t_test": 500})
     reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)
     assert not reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500)["reused"].any()
     assert reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500)["reused"].all()
     # asked for bf16 where it cannot run: the float32 reconstruction it would compute is the one on disk
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
     reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, t_test=500)
-    assert reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500)["reused"].all()
+    logged = []
+    with pytest.warns(RuntimeWarning, match="running in float32") as said:
+        assert reconstruct.reconstruct_dataset(model, rows, "t2", out, seed=1, amp="bf16", t_test=500,
+                                               log=logged.append)["reused"].all()
+    assert len(said) == 1 and len(logged) == 1 and "float32" in logged[0]  # once for the set, not per volume
 
 
 def _rows(tmp_path, n=2):

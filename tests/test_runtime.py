@@ -122,8 +122,12 @@ def test_effective_amp_on_cpu_follows_native_bfloat16(monkeypatch):
         runtime.effective_amp("bf32", cpu)
 
 
-def test_cpu_bf16_supported_answers_a_bool():
-    assert isinstance(runtime.cpu_bf16_supported(), bool)
+def test_cpu_bf16_support_is_false_without_onednn_or_its_operator(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert runtime.cpu_bf16_supported() is False
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops, "mkldnn", object())  # a torch build without the operator
+    assert runtime.cpu_bf16_supported() is False
 
 
 def test_autocast_runs_convolutions_in_bfloat16_on_cpu():

@@ -149,17 +149,19 @@ def test_threshold_comes_from_the_run_that_holds_the_checkpoint(runs, scan, tmp_
     assert scoring.validation_threshold("smoke", "ae_t2", 0, "default")[0] == 0.5
 
 
-def test_threshold_per_data_set_and_the_stages_variant(runs, scan):
+def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan, monkeypatch):
     rows = [("ddpm_t2", "t500", "table3", "BraTS21", 0.2), ("ddpm_t2", "t500", "table3", "MSLUB", 0.1),
             ("ddpm_t2", "t250", "sweep", "BraTS21", 0.7)]
     results = paths.results_dir("smoke")
     results.mkdir(parents=True)
     pd.DataFrame([{"model_id": m, "fold": 0, "variant": v, "purpose": p, "dataset": d, "threshold": t,
-                   "threshold_method": "bisection"} for m, v, p, d, t in rows]).to_csv(
-        results / "segmentation_runs.csv", index=False)
+                   "threshold_method": "bisection", "amp": "bf16" if p == "table3" else "none"}
+                  for m, v, p, d, t in rows]).to_csv(results / "segmentation_runs.csv", index=False)
     # the stage evaluated this model at t500 (not the ensemble of the profile's default): that is the default
     assert scoring.stage_variant("smoke", "ddpm_t2", 0) == "t500"
     assert scoring.stage_variant("smoke", "vae_t2", 0) is None
+    # and reconstructed it in bfloat16 (the profile says float32): that precision is the default too
+    assert scoring.stage_amp("smoke", "ddpm_t2", 0) == "bf16" and scoring.stage_amp("smoke", "vae_t2", 0) is None
     with pytest.raises(ScoringError, match=r"BraTS21 \(0.2\), MSLUB \(0.1\); pass --threshold-dataset"):
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500")
     assert scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "MSLUB")[0] == 0.1
@@ -168,9 +170,11 @@ def test_threshold_per_data_set_and_the_stages_variant(runs, scan):
     with pytest.raises(ScoringError, match=r"variant 't250' \(it has \['t500'\]\)"):  # sweep runs do not count
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t250", "BraTS21")
     ckpt, _ = _ddpm_checkpoint(runs)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
     out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True, threshold_dataset="BraTS21")
     summary = json.loads(out["summary"].read_text())
     assert summary["variant"] == "t500" and summary["threshold"] == 0.2 and "BraTS21" in summary["threshold_source"]
+    assert summary["amp"] == "bf16"
 
 
 def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):

@@ -58,6 +58,7 @@ def test_stage_end_to_end(roots):
     assert len(per_volume) == 2 * 2 and {"dice", "auprc", "auroc", "oracle_dice", "dice_other"} <= set(per_volume)
     ae = runs[runs["row"] == "AE"].iloc[0]  # which weights the threshold belongs to (checked when scoring)
     assert ae["weights"] == module_fingerprint(load_model(segmentation.checkpoint_path("smoke", "ae_t2", 0)))
+    assert (runs["amp"] == "none").all()  # the precision the reconstructions ran in (the default float32)
     assert (per_volume["oracle_dice"] >= per_volume["dice"] - 1e-9).all()
     folds = report.fold_scores(per_volume)
     table = report.table3(cfg, plan, folds, report.significance(cfg, folds, per_volume))
