@@ -165,7 +165,7 @@ def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Ta
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with engine.autocast(target.amp, dev):
+        with runtime.autocast(target.amp, dev):
             loss = (net(x, t).float() - x).abs().mean()
         if scaler is None:
             loss.backward()
@@ -281,7 +281,7 @@ def inference_rows(repeats: int, target: Target = Target()) -> tuple[list[str], 
         model.to(target.dev, memory_format=target.fmt)
 
         def run():
-            with engine.autocast(target.amp, target.dev):
+            with runtime.autocast(target.amp, target.dev):
                 model.reconstruct(volume, t_test=t_test, max_batch=64)
 
         s = timed(run, repeats, target)

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessing/post-processing settings (default: the checkpoint's run profile)")
     s.add_argument("--device", default="auto")
     s.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="mixed precision of the reconstruction (default: the segmentation profile's, none); bf16 "
-                        "on CUDA or an AVX-512 CPU, fp16 on CUDA")
+                   help="mixed precision of the reconstruction (default: the one the segmentation stage used for "
+                        "this model, else the segmentation profile's, none); bf16 on CUDA or an AVX-512 CPU, fp16 "
+                        "on CUDA")
     s.set_defaults(func=cmd_score)
     return p
 

@@ -239,7 +239,8 @@ def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, caps
     with pytest.raises(ScoringError, match="is not empty .*--overwrite"):
         score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True)
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
-    score_scan(scan, ckpt, out, weighting="t2", threshold=0.2, skull_stripped=True, overwrite=True, amp="bf16")
+    assert main(["score", str(scan), "--checkpoint", str(ckpt), "-o", str(out), "--weighting", "t2", "--threshold",
+                 "0.2", "--skull-stripped", "--overwrite", "--amp", "bf16"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"] == 0.2 and summary["amp"] == "bf16"
     assert main(["score", str(scan), "--checkpoint", str(ckpt), "-o", str(runs / "o2"), "--weighting", "t2",
