@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .runtime import autocast
+
 #: contrast levels cl of Fig. 2 (paper §4.5.2)
 CONTRAST_LEVELS: tuple[float, ...] = (0.3, 0.7, 1.0, 1.5, 2.0)
 #: widths of the conditioning image kept (paper §4.5.2)
@@ -78,25 +80,27 @@ class ConditioningGrid:
 
 
 def _reconstruct(model, x: Tensor, mask: Tensor, t_test: int, seed: int, conditioning: Tensor | None,
-                 max_batch: int) -> np.ndarray:
+                 max_batch: int, amp: str) -> np.ndarray:
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"t_test": t_test, "max_batch": max_batch}
     if conditioning is not None:
         kwargs["conditioning_image"] = conditioning
-    with torch.no_grad():
+    with torch.no_grad(), autocast(amp, x.device):
         out = model.reconstruct(x, mask, **kwargs)
-    return out[0, 0].detach().cpu().numpy()
+    return out[0, 0].detach().float().cpu().numpy()
 
 
 def conditioning_experiment(cddpm, ddpm, image: np.ndarray, brain_mask: np.ndarray, *,
                             contrasts: Sequence[float] = CONTRAST_LEVELS, crops: Sequence[float] = CROP_FRACTIONS,
                             t_half: int = 500, t_full: int = 1000, seed: int = 0,
-                            device: str | torch.device = "cpu", max_batch: int = 32) -> ConditioningGrid:
+                            device: str | torch.device = "cpu", max_batch: int = 32,
+                            amp: str = "none") -> ConditioningGrid:
     """Fig. 2: reconstructions of one slice under cropped/contrast-changed conditioning.
 
     cddpm: model whose ``reconstruct(x, mask, t_test=, max_batch=, conditioning_image=)`` feeds
     ``conditioning_image`` to its encoder; ddpm: the unconditioned model (``None`` skips its column).
-    image, brain_mask: one axial slice ``[H, W]`` (image in [0, 1]).
+    image, brain_mask: one axial slice ``[H, W]`` (image in [0, 1]). amp: mixed precision of the
+    reconstructions as it runs on ``device`` (:func:`runtime.stage_amp` resolves a requested one).
     """
     if image.ndim != 2 or image.shape != brain_mask.shape:
         raise ValueError(f"conditioning_experiment: expected one [H, W] slice and its mask, got {image.shape} "
@@ -120,9 +124,9 @@ def conditioning_experiment(cddpm, ddpm, image: np.ndarray, brain_mask: np.ndarr
             cond = crop_width(x, frac)
             rows[f"conditioning {p}"].append(cond[0, 0].cpu().numpy())
             for t in (t_half, t_full):
-                rows[f"cDDPM {p}, t={t}"].append(_reconstruct(cddpm, x, mask, t, seed, cond, max_batch))
+                rows[f"cDDPM {p}, t={t}"].append(_reconstruct(cddpm, x, mask, t, seed, cond, max_batch, amp))
         if ddpm is not None:
-            rows[f"DDPM, t={t_full}"].append(_reconstruct(ddpm, x, mask, t_full, seed, None, max_batch))
+            rows[f"DDPM, t={t_full}"].append(_reconstruct(ddpm, x, mask, t_full, seed, None, max_batch, amp))
     panels = {c: np.stack(v) for c, v in rows.items()}
     return ConditioningGrid(tuple(float(c) for c in contrasts), columns, panels, blocks)
 

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import data, paths
 from .config import ConfigError, StageConfig
 from .models import UADModel
-from .runtime import autocast, default_device, effective_amp, keep_freed_memory, seed_everything
+from .runtime import autocast, default_device, keep_freed_memory, seed_everything, stage_amp
 from .volumes import save_dataframe, save_json, save_torch
 
 #: config fields that may change between a run and its resumption (they do not change the weights' trajectory)
@@ -211,13 +211,6 @@ def _resumable(run_dir: Path, record: dict, log) -> dict[str, Any] | None:
     return ckpt
 
 
-def _effective_amp(amp: str, device: torch.device, log) -> str:
-    amp, note = effective_amp(amp, device)
-    if note:
-        log(note)
-    return amp
-
-
 def optimisation_step(model: UADModel, batch: dict, optimizers, step: int, *, amp: str = "none",
                       device: torch.device = torch.device("cpu"), grad_clip: float | None = None,
                       scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
@@ -337,7 +330,7 @@ def fit(model: UADModel, cfg: LoopConfig, run_dir: str | Path, train_cohort: dat
     device = default_device(cfg.device)
     if device.type == "cuda" and ctx.world > 1:
         device = torch.device("cuda", ctx.local_rank)
-    amp = _effective_amp(cfg.amp, device, log)
+    amp = stage_amp(cfg.amp, device, log)
     cl = cfg.channels_last and device.type == "cuda"
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for the buffers every step frees and allocates again

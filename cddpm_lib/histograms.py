@@ -32,6 +32,7 @@ from . import paths, quality, reconstruct, tables
 from .config import ConfigError, StageConfig
 from .datasets import HEALTHY, model_id
 from .reference import KLD_RATIOS
+from .runtime import default_device, stage_amp
 from .volumes import save_dataframe, save_text
 
 #: number of histogram bins (paper §4.5.2)
@@ -217,6 +218,7 @@ def collect_histograms(cfg: DomainShiftConfig, log=print) -> tuple[pd.DataFrame,
     """
     records, pairs = [], {}
     rows = {d: quality.test_volumes(cfg, d, "t2") for d in cfg.datasets}
+    amp = stage_amp(cfg.amp, default_device(cfg.device), log, "[domain shift]")  # said once for the stage
     for fold in cfg.folds:
         for spec in (cfg.ddpm, cfg.cddpm):
             model = quality.load_trained(cfg.profile, spec, "t2", fold)
@@ -229,7 +231,8 @@ def collect_histograms(cfg: DomainShiftConfig, log=print) -> tuple[pd.DataFrame,
                     out = paths.recon_dir(cfg.profile, mid, fold, variant, dataset)
                     parts = reconstruct.part_dirs(cfg.profile, mid, fold, variant, dataset)
                     xs, ys = [], []
-                    for _, case, recon in quality.reconstruct_rows(model, table, "t2", out, cfg, cl, parts, **kw):
+                    recons = quality.reconstruct_rows(model, table, "t2", out, cfg, cl, parts, amp=amp, **kw)
+                    for _, case, recon in recons:
                         seg = case["seg"] if dataset != HEALTHY else None
                         x, y = region_values(case["image"], recon, case["brain_mask"], seg)
                         xs.append(x)

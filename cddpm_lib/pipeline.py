@@ -205,8 +205,11 @@ def check_values(nodes: Iterable[Node]) -> list[str]:
 
     Returns warnings (the run goes on): :data:`SHARED_RECONSTRUCTION_SETTINGS` that differ between the
     :data:`SHARED_RECONSTRUCTION_STAGES`, whose reconstructions are then neither shared nor of the same noise and
-    precision (e.g. ``--set segmentation.amp=bf16`` alone)."""
+    precision (e.g. ``--set segmentation.amp=bf16`` alone; ``amp`` compared as it will run on the stage's device,
+    :func:`runtime.effective_amp`)."""
     import importlib
+
+    from .runtime import default_device, effective_amp
 
     problems: dict[str, list[str]] = {}  # message -> runs it concerns
     shared: dict[str, dict[str, Any]] = {}  # setting -> {stage: value}
@@ -221,7 +224,10 @@ def check_values(nodes: Iterable[Node]) -> list[str]:
             continue
         if node.stage in SHARED_RECONSTRUCTION_STAGES:
             for setting in SHARED_RECONSTRUCTION_SETTINGS:
-                shared.setdefault(setting, {})[node.stage] = getattr(cfg, setting)
+                value = getattr(cfg, setting)
+                if setting == "amp":  # the precision that will run: bf16 falling back to float32 is float32
+                    value = effective_amp(value, default_device(cfg.device))[0]
+                shared.setdefault(setting, {})[node.stage] = value
     if problems:
         lines = [f"  {msg} ({keys[0]}" + (f" and {len(keys) - 1} more run(s))" if len(keys) > 1 else ")")
                  for msg, keys in problems.items()]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -42,7 +41,7 @@ from .config import ConfigError, StageConfig
 from .datasets import EVAL_SETS, HEALTHY, model_id
 from .models import MODEL_NAMES, load_model
 from .perceptual import SUBSTITUTE_LABEL, resolve_perceptual
-from .runtime import default_device, effective_amp
+from .runtime import default_device, stage_amp
 
 #: Wang et al. (2004) SSIM constants and window, used by :func:`ssim`
 SSIM_SIGMA = 1.5
@@ -240,13 +239,14 @@ def load_case(row: pd.Series, weighting: str, contrast: float = 1.0) -> dict[str
 
 
 def reconstruct_rows(model, rows: pd.DataFrame, weighting: str, out_dir: Path, cfg, contrast: float = 1.0,
-                     parts: dict[int, Path] | None = None, **recon_kwargs):
+                     parts: dict[int, Path] | None = None, *, amp: str | None = None, **recon_kwargs):
     """Yield ``(row, case, recon)`` for every manifest row, reconstructing into (or reusing from) ``out_dir``
-    (``parts``: folders of an ensemble's single-``t`` parts, :func:`reconstruct.part_dirs`)."""
+    (``parts``: folders of an ensemble's single-``t`` parts, :func:`reconstruct.part_dirs`). ``amp``: the
+    precision that runs (a stage resolves it once, :func:`runtime.stage_amp`); ``None``: ``cfg.amp`` resolved
+    here, a fallback to float32 warned."""
     device = default_device(cfg.device)
-    amp, note = effective_amp(cfg.amp, device)  # said once here, not once per volume
-    if note:
-        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    if amp is None:
+        amp = stage_amp(cfg.amp, device)
     model.to(device).eval()
     for _, row in rows.iterrows():
         case = load_case(row, weighting, contrast)
@@ -263,12 +263,16 @@ def _variant(cfg, spec: str) -> tuple[str, dict]:
     return variant, reconstruct.variant_kwargs(variant)
 
 
-def evaluate_healthy(cfg: ReconstructionQualityConfig, log=print) -> tuple[pd.DataFrame, dict[int, str]]:
+def evaluate_healthy(cfg: ReconstructionQualityConfig, log=print, amp: str | None = None
+                     ) -> tuple[pd.DataFrame, dict[int, str]]:
     """Per-volume SSIM, PSNR, l1 and perceptual distance on the IXI T2 test set, per model and fold.
 
+    ``amp``: the precision that runs, resolved once for the stage (:func:`runtime.stage_amp`); ``None``:
+    ``cfg.amp`` resolved here, a fallback said through ``log``.
     Returns ``(scores, notes)``: one row per (model, fold, subject); notes: fold -> perceptual provenance.
     """
     device, rows, notes = default_device(cfg.device), test_volumes(cfg, HEALTHY, "t2"), {}
+    amp = stage_amp(cfg.amp, device, log, "[quality]") if amp is None else amp
     records = []
     for fold in cfg.folds:
         encoder = paths.checkpoint_dir(cfg.profile, "spark_t2", fold) / "encoder.pt"
@@ -279,7 +283,7 @@ def evaluate_healthy(cfg: ReconstructionQualityConfig, log=print) -> tuple[pd.Da
             name, ssl = parse_model(spec)
             mid = model_id(name, "t2", ssl)
             out, parts = (f(cfg.profile, mid, fold, variant, HEALTHY) for f in (paths.recon_dir, reconstruct.part_dirs))
-            for row, case, recon in reconstruct_rows(model, rows, "t2", out, cfg, parts=parts, **kw):
+            for row, case, recon in reconstruct_rows(model, rows, "t2", out, cfg, parts=parts, amp=amp, **kw):
                 scores = volume_quality(case["image"], recon, case["brain_mask"], data_range=cfg.data_range,
                                         ssim_dims=cfg.ssim_dims, psnr_cap_db=cfg.psnr_cap_db,
                                         similarity_region=cfg.similarity_region,
@@ -291,10 +295,11 @@ def evaluate_healthy(cfg: ReconstructionQualityConfig, log=print) -> tuple[pd.Da
     return pd.DataFrame(records), notes
 
 
-def evaluate_unhealthy(cfg: ReconstructionQualityConfig, log=print) -> pd.DataFrame:
+def evaluate_unhealthy(cfg: ReconstructionQualityConfig, log=print, amp: str | None = None) -> pd.DataFrame:
     """Per-volume l1 of unhealthy and healthy voxels on each unhealthy test set (T2 models: BraTS21, MSLUB;
-    T1 models: ATLAS, WMH — ``datasets.EVAL_SETS``)."""
+    T1 models: ATLAS, WMH — ``datasets.EVAL_SETS``). ``amp``: as in :func:`evaluate_healthy`."""
     records = []
+    amp = stage_amp(cfg.amp, default_device(cfg.device), log, "[quality]") if amp is None else amp
     for weighting, sets in EVAL_SETS.items():
         for dataset in sets:
             rows = test_volumes(cfg, dataset, weighting)
@@ -305,7 +310,8 @@ def evaluate_unhealthy(cfg: ReconstructionQualityConfig, log=print) -> pd.DataFr
                     mid = model_id(name, weighting, ssl)
                     out = paths.recon_dir(cfg.profile, mid, fold, variant, dataset)
                     parts = reconstruct.part_dirs(cfg.profile, mid, fold, variant, dataset)
-                    for row, case, recon in reconstruct_rows(model, rows, weighting, out, cfg, parts=parts, **kw):
+                    recons = reconstruct_rows(model, rows, weighting, out, cfg, parts=parts, amp=amp, **kw)
+                    for row, case, recon in recons:
                         u, h = l1_split(case["image"], recon, case["brain_mask"], case["seg"], cfg.l1_region)
                         records.append({"model": spec, "fold": fold, "dataset": dataset,
                                         "subject_id": row["subject_id"], "l1_unhealthy": u, "l1_healthy": h})

@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -48,6 +49,18 @@ def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
     why = ("needs a CUDA device" if amp == "fp16" or device.type != "cpu"
            else "needs a CPU on which oneDNN runs bfloat16 (AVX-512 or newer) or a CUDA device")
     return "none", f"amp={amp!r} {why}; running in float32 on {device}"
+
+
+def stage_amp(amp: str, device: torch.device, log=None, where: str = "") -> str:
+    """The precision a stage runs (:func:`effective_amp`), a fallback said once: through ``log`` (a stage's
+    log, ``where`` its tag, e.g. ``[quality]``), or as a :class:`RuntimeWarning` when there is no log."""
+    amp, note = effective_amp(amp, device)
+    if note:
+        if log is not None:
+            log(f"{where + ' ' if where else ''}warning: {note}")
+        else:
+            warnings.warn(f"{where + ' ' if where else ''}{note}", RuntimeWarning, stacklevel=2)
+    return amp
 
 
 def autocast(amp: str, device: torch.device):

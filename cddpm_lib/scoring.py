@@ -121,16 +121,24 @@ def stage_variant(profile: str, model_id: str | None, fold: int | None, results:
     return variants[0] if len(variants) == 1 else None
 
 
+#: the mixed precisions a reconstruction can run in (:func:`cddpm_lib.runtime.effective_amp`)
+AMPS = ("none", "bf16", "fp16")
+
+
 def stage_amp(profile: str, model_id: str | None, fold: int | None, results: Path | None = None) -> str | None:
     """The precision the segmentation stage reconstructed this model with (``segmentation_runs.csv``'s ``amp``:
-    the one that ran, after any fallback), or ``None`` when the stage recorded none or more than one."""
+    the one that ran, after any fallback), or ``None`` when the stage recorded none or more than one. A value
+    that is no precision (``none``, ``bf16``, ``fp16``) is an error naming the file."""
     try:
-        runs, _ = _stage_runs(profile, model_id, fold, results)
+        runs, csv = _stage_runs(profile, model_id, fold, results)
     except ScoringError:
         return None
     if "amp" not in runs:
         return None
     amps = list(dict.fromkeys(runs["amp"].dropna().astype(str)))
+    bad = [a for a in amps if a not in AMPS]
+    if bad:
+        raise ScoringError(f"{csv}: column 'amp' of {model_id} fold {fold} holds {bad[0]!r}, not one of {AMPS}")
     return amps[0] if len(amps) == 1 else None
 
 
@@ -292,7 +300,9 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     ``overwrite``: allow an ``output`` folder that already holds files. ``amp``: mixed precision of the
     reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the precision the segmentation
     stage reconstructed this model with, under which its thresholds were chosen (:func:`stage_amp`), else the
-    segmentation profile's. ``summary.json`` records the one that ran.
+    segmentation profile's. ``summary.json`` records the one that ran (``amp``) and, for a threshold of the
+    stage, the one the threshold was chosen under (``threshold_amp``); an ``amp`` that differs from it is warned
+    of (bfloat16 moves a reconstruction by up to a few 1e-3, ``BENCHMARKS.md``).
     """
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
@@ -333,6 +343,8 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     if tuple(model.image_size) != tuple(out_hw):
         raise ScoringError(f"the checkpoint was trained on {tuple(model.image_size)} slices but profile "
                            f"{profile!r} preprocesses to {pre_cfg.output_shape}; pass the training run's --profile")
+    stage_precision = stage_amp(profile, info.model_id, info.fold, info.results_dir)
+    threshold_amp = stage_precision if threshold is None else None  # the stage's threshold was chosen under it
     default = stage_variant(profile, info.model_id, info.fold, info.results_dir) or (
         "ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
     variant, recon_kwargs = _variant(model.name, t_test, default)
@@ -362,10 +374,12 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
 
     model.to(dev)
-    requested = amp or stage_amp(profile, info.model_id, info.fold, info.results_dir) or seg_cfg.amp
-    amp_run, amp_note = effective_amp(requested, dev)
+    amp_run, amp_note = effective_amp(amp or stage_precision or seg_cfg.amp, dev)
     if amp_note:
         print(f"warning: {amp_note}", file=sys.stderr)
+    if threshold_amp is not None and amp_run != threshold_amp:
+        print(f"warning: the threshold was chosen on reconstructions in amp={threshold_amp!r}; this scan is "
+              f"reconstructed in amp={amp_run!r}", file=sys.stderr)
     recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=subject_seed(seed, subject["subject_id"]),
                                          amp=amp_run, **recon_kwargs)
     anomaly = continuous_map_fn(seg_cfg)(residual, mask).astype(np.float32)
@@ -401,7 +415,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
 
     save_json({"scan": str(scan), "checkpoint": str(checkpoint), "model": model.name, "model_id": info.model_id,
                "fold": info.fold, "profile": profile, "variant": variant, "test_time": recon_kwargs,
-               "amp": amp_run,
+               "amp": amp_run, "threshold_amp": threshold_amp,
                "threshold": float(threshold), "threshold_source": threshold_source, "registration": registration,
                "t1": str(t1) if t1 is not None else None,
                "anomalous_voxels": int(native_seg.sum()), "anomalous_ml": ml(native_seg, native_affine),

@@ -29,7 +29,7 @@ from .metrics import dice, pooled_rank_stats, rank_stats
 from .models import MODEL_NAMES, UADModel, build_model, load_model
 from .postprocessing import PostprocessingSpec, apply_postprocessing, binarize, search_threshold, stack_pooled
 from .reconstruct import load_recon, part_dirs, reconstruct_dataset, variant_kwargs, variant_name
-from .runtime import default_device, effective_amp
+from .runtime import default_device, stage_amp
 from .volumes import load_nifti, save_dataframe
 
 RUN_KEYS = ["row", "model", "ssl", "ens", "variant", "weighting", "fold", "model_id"]
@@ -181,12 +181,14 @@ def _run_relative_npz(table: pd.DataFrame, profile: str) -> pd.DataFrame:
 
 
 def reconstruct_all(cfg: SegmentationConfig, plan: pd.DataFrame, log=print) -> pd.DataFrame:
-    """Reconstruct val + test of every available run (one model load per checkpoint) -> the index of npz files
-    (``RUN_KEYS, dataset, split, subject_id, npz, seconds``), also saved as ``results/recon_index.csv``."""
+    """Reconstruct val + test of every available run (one model load per checkpoint) -> the index of npz files,
+    also saved as ``results/recon_index.csv``: ``RUN_KEYS``, ``purpose`` (``table3`` or the Fig. 5 ``sweep``),
+    ``split``, ``weights`` (fingerprint of the weights that reconstructed, :func:`module_fingerprint`), ``amp``
+    (the precision that ran, after any float32 fallback), ``subject_id``, ``dataset``, ``npz`` (the file; in the
+    CSV relative to ``runs/<profile>``, :func:`paths.run_relative`), ``seconds`` (model time) and ``reused``
+    (an existing file kept)."""
     device = default_device(cfg.device)
-    amp, note = effective_amp(cfg.amp, device)  # the precision that runs, recorded with every reconstruction
-    if note:
-        log(f"[segmentation] warning: {note}")
+    amp = stage_amp(cfg.amp, device, log, "[segmentation]")  # the precision that runs, recorded with each file
     records = []
     todo = plan[plan["status"] != "missing checkpoint"]
     for (mid, fold), runs in todo.groupby(["model_id", "fold"], sort=False):

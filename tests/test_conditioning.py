@@ -17,7 +17,8 @@ class _Recorder(torch.nn.Module):
 
     def reconstruct(self, x, mask=None, t_test=500, max_batch=32, conditioning_image=None):
         self.calls.append({"t_test": t_test, "cond": None if conditioning_image is None else
-                           conditioning_image.clone(), "noise": torch.rand(1).item()})
+                           conditioning_image.clone(), "noise": torch.rand(1).item(),
+                           "autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")})
         value = 0.5 if conditioning_image is None else float(conditioning_image.mean())
         return torch.full_like(x, value)
 
@@ -113,3 +114,14 @@ def test_plot_has_one_axis_per_panel():
     grid = C.conditioning_experiment(_Recorder(), _Recorder(), img, mask, contrasts=(0.3, 1.0, 2.0))
     fig = C.plot_conditioning(grid)
     assert len(fig.axes) == 3 * len(grid.columns)
+
+
+def test_amp_runs_the_reconstructions_under_autocast():
+    img, mask = _slice()
+    cddpm = _Recorder()
+    C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,))
+    assert [c["autocast"] for c in cddpm.calls] == [False, False]
+    cddpm = _Recorder()
+    grid = C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,), amp="bf16")
+    assert [c["autocast"] for c in cddpm.calls] == [torch.bfloat16, torch.bfloat16]
+    assert all(p.dtype == np.float32 for p in grid.panels.values())

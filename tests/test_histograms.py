@@ -128,11 +128,16 @@ def test_domain_shift_stage_end_to_end(tmp_path, monkeypatch):
     from cddpm_lib import paths
     from test_quality import write_cohort
 
+    from cddpm_lib import runtime
+
     matplotlib.use("Agg")
     write_cohort(tmp_path, monkeypatch)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)  # bf16 asked for, float32 runs
     cfg = H.DomainShiftConfig(profile="smoke", folds=(0,), ddpm="ae", cddpm="vae", diffusion_variant="default",
-                              contrasts=(1.0, 2.0), n_bins=50, max_batch=8)
-    kld, pairs = H.collect_histograms(cfg, log=lambda m: None)
+                              contrasts=(1.0, 2.0), n_bins=50, max_batch=8, amp="bf16")
+    said = []
+    kld, pairs = H.collect_histograms(cfg, log=said.append)
+    assert len([m for m in said if "float32" in m]) == 1  # once for the stage, not per model, set and contrast
     assert len(kld) == 2 * 2 * 2 and (kld["kld"] >= 0).all()
     pair = pairs[(0, "ae", "BraTS21", 2.0)]
     assert pair.edges.size == 51 and np.sum(pair.density_input * np.diff(pair.edges)) == pytest.approx(1.0)

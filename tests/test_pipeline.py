@@ -216,7 +216,10 @@ def test_malformed_set_value_names_the_item():
                                                                          "data": {"split": "leak_free"}}
 
 
-def test_stages_sharing_reconstructions_are_warned_of_differing_seed_or_amp():
+def test_stages_sharing_reconstructions_are_warned_of_differing_seed_or_amp(monkeypatch):
+    from cddpm_lib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
     assert pipeline.check_values(pipeline.build_dag("smoke")) == []
     warnings = pipeline.check_values(pipeline.build_dag("smoke", {"segmentation": {"amp": "bf16"},
                                                                   "domain_shift": {"seed": 3}}))
@@ -224,3 +227,18 @@ def test_stages_sharing_reconstructions_are_warned_of_differing_seed_or_amp():
     seed, amp = sorted(warnings, key=lambda w: not w.startswith("seed"))
     assert "domain_shift.seed=3" in seed and "segmentation.seed=0" in seed
     assert "segmentation.amp='bf16'" in amp and "reconstruction_quality.amp='none'" in amp
+
+
+def test_amp_is_compared_as_it_will_run(monkeypatch):
+    from cddpm_lib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)  # bf16 asked for runs float32 here
+    assert pipeline.check_values(pipeline.build_dag("smoke", {"segmentation": {"amp": "bf16"}})) == []
+
+
+def test_run_pipeline_logs_the_value_warnings(fake_env, monkeypatch):
+    nb_dir, _, _ = fake_env
+    monkeypatch.setattr(pipeline, "check_values", lambda nodes: ["seed differs between stages (planted)"])
+    said = []
+    pipeline.run_pipeline("smoke", notebooks_dir=nb_dir, report=False, only=["data"], log=said.append)
+    assert said[0] == "[pipeline] warning: seed differs between stages (planted)"

@@ -9,6 +9,9 @@ from scipy.ndimage import gaussian_filter
 
 from cddpm_lib import quality as Q
 
+NO_BF16 = ("needs a CPU on which oneDNN runs bfloat16 (AVX-512 or newer) or a CUDA device; running in float32 "
+           "on cpu")
+
 
 def _ssim_map_reference(x: np.ndarray, y: np.ndarray, data_range: float = 1.0) -> np.ndarray:
     """Wang et al. (2004) Eq. 13 with an 11-tap Gaussian window (σ = 1.5), written out with scipy."""
@@ -188,6 +191,25 @@ def test_evaluate_healthy_scores_every_volume_and_caches(stage):
     assert cached.exists()
     again, _ = Q.evaluate_healthy(stage, log=lambda m: None)  # reused from the cache: identical
     np.testing.assert_allclose(again["l1"], scores["l1"])
+
+
+def test_quality_stage_says_a_float32_fallback_once_through_its_log(stage, monkeypatch):
+    import dataclasses
+    import warnings
+
+    from cddpm_lib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    cfg, said = dataclasses.replace(stage, amp="bf16"), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said through the stage's log, not as warnings per model and data set
+        Q.evaluate_healthy(cfg, log=said.append)
+        assert [m for m in said if "warning" in m] == [f"[quality] warning: amp='bf16' {NO_BF16}"]
+        said.clear()
+        amp = runtime.stage_amp(cfg.amp, runtime.default_device(cfg.device), said.append, "[quality]")
+        Q.evaluate_healthy(cfg, log=said.append, amp=amp)  # the notebook resolves it once for both evaluations
+        Q.evaluate_unhealthy(cfg, log=said.append, amp=amp)
+    assert amp == "none" and len([m for m in said if "warning" in m]) == 1
 
 
 def test_evaluate_unhealthy_covers_eval_sets(stage):

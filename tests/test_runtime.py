@@ -136,3 +136,20 @@ def test_autocast_runs_convolutions_in_bfloat16_on_cpu():
         assert conv(x).dtype == torch.bfloat16
     with runtime.autocast("none", torch.device("cpu")):
         assert conv(x).dtype == torch.float32
+
+
+def test_stage_amp_says_a_fallback_once_through_the_log_or_as_a_warning(monkeypatch):
+    import warnings
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    said = []
+    assert runtime.stage_amp("bf16", cpu, said.append, "[quality]") == "none"
+    assert len(said) == 1 and said[0].startswith("[quality] warning: amp='bf16'") and "float32" in said[0]
+    with pytest.warns(RuntimeWarning, match="float32"):
+        assert runtime.stage_amp("bf16", cpu) == "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.stage_amp("none", cpu, said.append) == "none" and len(said) == 1  # as asked: silent
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    assert runtime.stage_amp("bf16", cpu, said.append) == "bf16" and len(said) == 1

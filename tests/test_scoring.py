@@ -149,7 +149,7 @@ def test_threshold_comes_from_the_run_that_holds_the_checkpoint(runs, scan, tmp_
     assert scoring.validation_threshold("smoke", "ae_t2", 0, "default")[0] == 0.5
 
 
-def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan, monkeypatch):
+def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan, monkeypatch, capsys):
     rows = [("ddpm_t2", "t500", "table3", "BraTS21", 0.2), ("ddpm_t2", "t500", "table3", "MSLUB", 0.1),
             ("ddpm_t2", "t250", "sweep", "BraTS21", 0.7)]
     results = paths.results_dir("smoke")
@@ -174,7 +174,20 @@ def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan,
     out = score_scan(scan, ckpt, runs / "out", weighting="t2", skull_stripped=True, threshold_dataset="BraTS21")
     summary = json.loads(out["summary"].read_text())
     assert summary["variant"] == "t500" and summary["threshold"] == 0.2 and "BraTS21" in summary["threshold_source"]
-    assert summary["amp"] == "bf16"
+    assert summary["amp"] == summary["threshold_amp"] == "bf16"
+    # asking for another precision than the threshold's is allowed, said, and recorded
+    out = score_scan(scan, ckpt, runs / "out2", weighting="t2", skull_stripped=True, threshold_dataset="BraTS21",
+                     amp="none")
+    assert "threshold was chosen on reconstructions in amp='bf16'; this scan is reconstructed in amp='none'" in \
+        capsys.readouterr().err
+    summary = json.loads(out["summary"].read_text())
+    assert summary["amp"] == "none" and summary["threshold_amp"] == "bf16"
+    # a recorded value that is no precision is named with its file
+    table = pd.read_csv(results / "segmentation_runs.csv")
+    table.loc[0, "amp"] = "bf61"
+    table.to_csv(results / "segmentation_runs.csv", index=False)
+    with pytest.raises(ScoringError, match=r"segmentation_runs.csv: column 'amp' of ddpm_t2 fold 0 holds 'bf61'"):
+        scoring.stage_amp("smoke", "ddpm_t2", 0)
 
 
 def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):
@@ -242,7 +255,7 @@ def test_settings_and_output_folder_are_checked_before_any_work(runs, scan, caps
     assert main(["score", str(scan), "--checkpoint", str(ckpt), "-o", str(out), "--weighting", "t2", "--threshold",
                  "0.2", "--skull-stripped", "--overwrite", "--amp", "bf16"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["threshold"] == 0.2 and summary["amp"] == "bf16"
+    assert summary["threshold"] == 0.2 and summary["amp"] == "bf16" and summary["threshold_amp"] is None
     assert main(["score", str(scan), "--checkpoint", str(ckpt), "-o", str(runs / "o2"), "--weighting", "t2",
                  "--t-test", "0", "--threshold", "0.1"]) == 2
     assert "noise levels must lie in 1..1000" in capsys.readouterr().err

@@ -150,3 +150,32 @@ def test_fig5_data_joins_table3_runs_at_single_t():
     assert data[("ddpm", False, 250)] == pytest.approx(25.0) and data[("ddpm", False, 500)] == pytest.approx(35.0)
     assert data[("cddpm", True, 500)] == pytest.approx(55.0) and data[("cddpm", True, -1)] == pytest.approx(65.0)
     assert ("cddpm", False, 500) not in data.index  # the sweep follows the SSL cDDPM
+
+
+def test_float32_fallback_is_logged_once_and_recorded(roots, monkeypatch):
+    from cddpm_lib import runtime
+
+    write_eval_cohort(paths.source_dir("synthetic", "smoke"), datasets=("BraTS21",), n_val=1, n_test=1)
+    write_checkpoint("smoke", "ae", "t2", 0)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    cfg, said = _cfg(models=("thresh", "ae"), folds=(0,), amp="bf16"), []
+    index = segmentation.reconstruct_all(cfg, segmentation.plan_runs(cfg), log=said.append)
+    assert [m for m in said if "float32" in m] == [
+        "[segmentation] warning: amp='bf16' needs a CPU on which oneDNN runs bfloat16 (AVX-512 or newer) or a "
+        "CUDA device; running in float32 on cpu"]
+    assert (index["amp"] == "none").all()  # the precision that ran, not the one asked for
+    _, runs = segmentation.score_all(cfg, index, log=lambda m: None)
+    assert (runs["amp"] == "none").all()
+
+
+def test_inference_time_records_device_and_precision(roots):
+    write_eval_cohort(paths.source_dir("synthetic", "smoke"), datasets=("BraTS21",), n_val=1, n_test=1)
+    write_checkpoint("smoke", "cddpm", "t2", 0)
+    cfg = _cfg(models=("ddpm", "cddpm"), folds=(0,), timing_volumes=1)
+    times = report.inference_times(cfg, segmentation.plan_runs(cfg), log=lambda m: None)
+    ok = times[times["status"] == "ok"]
+    assert list(ok["variant"]) == ["t500", "ens"] and (ok["seconds_per_volume"] > 0).all()
+    assert (ok["amp"] == "none").all() and (ok["device"] == "cpu").all()
+    assert times.loc[times["model"] == "ddpm", "status"].item() == "missing checkpoint"
+    saved = pd.read_csv(paths.results_dir("smoke") / "inference_time.csv")
+    assert list(saved["amp"].dropna()) == ["none", "none"]
