@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .runtime import autocast
+from .runtime import autocast, effective_amp
 
 #: contrast levels cl of Fig. 2 (paper §4.5.2)
 CONTRAST_LEVELS: tuple[float, ...] = (0.3, 0.7, 1.0, 1.5, 2.0)
@@ -100,11 +100,13 @@ def conditioning_experiment(cddpm, ddpm, image: np.ndarray, brain_mask: np.ndarr
     cddpm: model whose ``reconstruct(x, mask, t_test=, max_batch=, conditioning_image=)`` feeds
     ``conditioning_image`` to its encoder; ddpm: the unconditioned model (``None`` skips its column).
     image, brain_mask: one axial slice ``[H, W]`` (image in [0, 1]). amp: mixed precision of the
-    reconstructions as it runs on ``device`` (:func:`runtime.stage_amp` resolves a requested one).
+    reconstructions (:func:`runtime.effective_amp`: float32 where it cannot run on ``device``; a stage says so
+    once with :func:`runtime.stage_amp`).
     """
     if image.ndim != 2 or image.shape != brain_mask.shape:
         raise ValueError(f"conditioning_experiment: expected one [H, W] slice and its mask, got {image.shape} "
                          f"and {brain_mask.shape}")
+    amp = effective_amp(amp, torch.device(device))[0]
     to4d = torch.as_tensor(np.asarray(image, np.float32), device=device)[None, None]
     mask = torch.as_tensor((np.asarray(brain_mask) > 0).astype(np.float32), device=device)[None, None]
     cddpm.to(device).eval()

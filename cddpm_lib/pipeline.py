@@ -219,6 +219,7 @@ def check_values(nodes: Iterable[Node]) -> list[str]:
         module, name = STAGE_CONFIGS[node.stage].split(":")
         try:
             cfg = getattr(importlib.import_module(module), name).from_namespace(node.parameters)
+            device = default_device(cfg.device) if hasattr(cfg, "device") else None
         except (ConfigError, ValueError, TypeError) as exc:
             problems.setdefault(f"stage {node.stage!r}: {exc}", []).append(node.key)
             continue
@@ -226,7 +227,7 @@ def check_values(nodes: Iterable[Node]) -> list[str]:
             for setting in SHARED_RECONSTRUCTION_SETTINGS:
                 value = getattr(cfg, setting)
                 if setting == "amp":  # the precision that will run: bf16 falling back to float32 is float32
-                    value = effective_amp(value, default_device(cfg.device))[0]
+                    value = effective_amp(value, device)[0]
                 shared.setdefault(setting, {})[node.stage] = value
     if problems:
         lines = [f"  {msg} ({keys[0]}" + (f" and {len(keys) - 1} more run(s))" if len(keys) > 1 else ")")

@@ -1,4 +1,5 @@
-"""Device choice, seeding and the CPU memory allocator, shared by every stage."""
+"""Device choice, mixed precision (which one runs where, autocast), seeding, the CPU memory allocator and worker
+pools that exit with their parent, shared by every stage."""
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +13,14 @@ import torch
 
 
 def default_device(requested: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other string is passed to ``torch.device``."""
+    """``auto`` -> CUDA when available, else CPU; any other string is passed to ``torch.device`` (a string it does
+    not know is a ``ValueError`` naming the parameter)."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        return torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"parameter 'device': {requested!r} is not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 def cpu_bf16_supported() -> bool:
@@ -35,6 +40,10 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
+#: the mixed precisions a stage can ask for: float32 (``none``), bfloat16 and float16 autocast
+AMPS = ("none", "bf16", "fp16")
+
+
 def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
     """The mixed precision ``amp`` (``none``, ``bf16``, ``fp16``) that runs on ``device``, and why it differs.
 
@@ -42,7 +51,7 @@ def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
     (float16 on a CPU is neither faster nor safe without loss scaling). Returns ``(amp, note)``; ``note`` is
     ``None`` when ``amp`` runs as asked, else a sentence saying what runs instead.
     """
-    if amp not in ("none", "bf16", "fp16"):
+    if amp not in AMPS:
         raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
     if amp == "none" or device.type == "cuda" or (amp == "bf16" and device.type == "cpu" and cpu_bf16_supported()):
         return amp, None
@@ -65,6 +74,8 @@ def stage_amp(amp: str, device: torch.device, log=None, where: str = "") -> str:
 
 def autocast(amp: str, device: torch.device):
     """The mixed-precision context of ``amp`` (``none``: float32, no context) on ``device``."""
+    if amp not in AMPS:
+        raise ValueError(f"amp must be one of {AMPS}, got {amp!r}")
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -121,10 +121,6 @@ def stage_variant(profile: str, model_id: str | None, fold: int | None, results:
     return variants[0] if len(variants) == 1 else None
 
 
-#: the mixed precisions a reconstruction can run in (:func:`cddpm_lib.runtime.effective_amp`)
-AMPS = ("none", "bf16", "fp16")
-
-
 def stage_amp(profile: str, model_id: str | None, fold: int | None, results: Path | None = None) -> str | None:
     """The precision the segmentation stage reconstructed this model with (``segmentation_runs.csv``'s ``amp``:
     the one that ran, after any fallback), or ``None`` when the stage recorded none or more than one. A value
@@ -135,18 +131,33 @@ def stage_amp(profile: str, model_id: str | None, fold: int | None, results: Pat
         return None
     if "amp" not in runs:
         return None
-    amps = list(dict.fromkeys(runs["amp"].dropna().astype(str)))
-    bad = [a for a in amps if a not in AMPS]
-    if bad:
-        raise ScoringError(f"{csv}: column 'amp' of {model_id} fold {fold} holds {bad[0]!r}, not one of {AMPS}")
+    amps = list(dict.fromkeys(_recorded_amp(a, csv, model_id, fold) for a in runs["amp"].dropna()))
     return amps[0] if len(amps) == 1 else None
+
+
+def _recorded_amp(value: Any, csv: Path, model_id: str | None, fold: int | None) -> str:
+    """A precision read from ``segmentation_runs.csv``, checked (an error names the file)."""
+    from .runtime import AMPS
+
+    if str(value) not in AMPS:
+        raise ScoringError(f"{csv}: column 'amp' of {model_id} fold {fold} holds {value!r}, not one of {AMPS}")
+    return str(value)
+
+
+class StageThreshold(NamedTuple):
+    """A threshold of the segmentation stage (:func:`validation_threshold`)."""
+
+    value: float
+    source: str  # the CSV's full path, the data set and the search method
+    amp: str | None  # the precision of the reconstructions it was chosen on (None: not recorded)
 
 
 def validation_threshold(profile: str, model_id: str | None, fold: int | None, variant: str,
                          dataset: str | None = None, results: Path | None = None,
-                         weights: str | None = None) -> tuple[float, str]:
-    """Threshold the segmentation stage chose on ``dataset``'s validation set for this model/fold/variant, and
-    where it came from (the CSV's full path, the data set and the search method).
+                         weights: str | None = None) -> StageThreshold:
+    """Threshold the segmentation stage chose on ``dataset``'s validation set for this model/fold/variant, where
+    it came from (the CSV's full path, the data set and the search method) and the precision of the
+    reconstructions it was chosen on.
 
     Thresholds are data-set specific (a tumour threshold is not a lesion threshold), so when the stage chose one
     per evaluation set of the weighting (T2: BraTS21, MSLUB; T1: ATLAS, WMH) ``dataset`` must say which.
@@ -180,7 +191,9 @@ def validation_threshold(profile: str, model_id: str | None, fold: int | None, v
                            "than this checkpoint holds (the model was trained again after the segmentation stage "
                            "ran, or this is not the best.pt that stage evaluated); rerun the segmentation stage "
                            "(notebook 06) or pass --threshold")
-    return float(row["threshold"]), f"{csv}: validation on {chosen} ({row['threshold_method']})"
+    amp = row["amp"] if "amp" in row.index and pd.notna(row["amp"]) else None
+    return StageThreshold(float(row["threshold"]), f"{csv}: validation on {chosen} ({row['threshold_method']})",
+                          None if amp is None else _recorded_amp(amp, csv, model_id, fold))
 
 
 def _load_checkpoint(checkpoint: Path):
@@ -272,8 +285,8 @@ def _check_settings(model, t_test: Sequence[int] | None, threshold: float | None
             raise ScoringError(f"--t-test {bad}: noise levels must lie in 1..{T} (the model's T)")
     try:
         dev = default_device(device)
-    except RuntimeError as exc:
-        raise ScoringError(f"--device {device!r}: {exc}") from None
+    except ValueError:
+        raise ScoringError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ScoringError(f"--device {device!r}: this torch build or machine has no CUDA device; use --device cpu")
     return dev
@@ -298,11 +311,12 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     (``registration_weighting``, ``align_weightings``); with ``t1`` the scan gets exactly that. Without it a T2 is
     registered and skull-stripped on its own, which places and masks it differently (``summary.json`` says so).
     ``overwrite``: allow an ``output`` folder that already holds files. ``amp``: mixed precision of the
-    reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the precision the segmentation
-    stage reconstructed this model with, under which its thresholds were chosen (:func:`stage_amp`), else the
-    segmentation profile's. ``summary.json`` records the one that ran (``amp``) and, for a threshold of the
-    stage, the one the threshold was chosen under (``threshold_amp``); an ``amp`` that differs from it is warned
-    of (bfloat16 moves a reconstruction by up to a few 1e-3, ``BENCHMARKS.md``).
+    reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the precision the stage's
+    threshold was chosen on (``segmentation_runs.csv``'s ``amp`` of its row), else the one the segmentation stage
+    reconstructed this model with (:func:`stage_amp`), else the segmentation profile's. ``summary.json`` records
+    the one that ran (``amp``) and, for a threshold of the stage, the one the threshold was chosen on
+    (``threshold_amp``); an ``amp`` that differs from it is warned of (bfloat16 moves a reconstruction by up to a
+    few 1e-3, ``BENCHMARKS.md``).
     """
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
@@ -343,19 +357,20 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     if tuple(model.image_size) != tuple(out_hw):
         raise ScoringError(f"the checkpoint was trained on {tuple(model.image_size)} slices but profile "
                            f"{profile!r} preprocesses to {pre_cfg.output_shape}; pass the training run's --profile")
-    stage_precision = stage_amp(profile, info.model_id, info.fold, info.results_dir)
-    threshold_amp = stage_precision if threshold is None else None  # the stage's threshold was chosen under it
     default = stage_variant(profile, info.model_id, info.fold, info.results_dir) or (
         "ens" if seg_cfg.ens else f"t{seg_cfg.t_test}")
     variant, recon_kwargs = _variant(model.name, t_test, default)
     if threshold is None:
         from .fingerprint import module_fingerprint
 
-        threshold, threshold_source = validation_threshold(profile, info.model_id, info.fold, variant,
-                                                           threshold_dataset, info.results_dir,
-                                                           weights=module_fingerprint(model))
+        threshold, threshold_source, threshold_amp = validation_threshold(
+            profile, info.model_id, info.fold, variant, threshold_dataset, info.results_dir,
+            weights=module_fingerprint(model))
     else:
-        threshold_source = "given (--threshold)"
+        threshold_source, threshold_amp = "given (--threshold)", None
+    # precision: as asked, else the one the threshold (or the stage's other runs of this model) was chosen on
+    requested_amp = (amp or threshold_amp or stage_amp(profile, info.model_id, info.fold, info.results_dir)
+                     or seg_cfg.amp)
     registration = (f"through the session's {pre_cfg.registration_weighting.upper()} (--t1), as the training data"
                     if t1 is not None or weighting == trained_reg else
                     f"on the {weighting.upper()} itself: the training data were registered and skull-stripped "
@@ -374,7 +389,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
 
     model.to(dev)
-    amp_run, amp_note = effective_amp(amp or stage_precision or seg_cfg.amp, dev)
+    amp_run, amp_note = effective_amp(requested_amp, dev)
     if amp_note:
         print(f"warning: {amp_note}", file=sys.stderr)
     if threshold_amp is not None and amp_run != threshold_amp:

@@ -116,7 +116,9 @@ def test_plot_has_one_axis_per_panel():
     assert len(fig.axes) == 3 * len(grid.columns)
 
 
-def test_amp_runs_the_reconstructions_under_autocast():
+def test_amp_runs_the_reconstructions_under_autocast(monkeypatch):
+    from cddpm_lib import runtime
+
     img, mask = _slice()
     cddpm = _Recorder()
     C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,))
@@ -125,3 +127,9 @@ def test_amp_runs_the_reconstructions_under_autocast():
     grid = C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,), amp="bf16")
     assert [c["autocast"] for c in cddpm.calls] == [torch.bfloat16, torch.bfloat16]
     assert all(p.dtype == np.float32 for p in grid.panels.values())
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)  # cannot run here: float32
+    cddpm = _Recorder()
+    C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,), amp="bf16")
+    assert [c["autocast"] for c in cddpm.calls] == [False, False]
+    with pytest.raises(ValueError, match="amp must be"):
+        C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,), amp="bf61")

@@ -134,7 +134,7 @@ def test_domain_shift_stage_end_to_end(tmp_path, monkeypatch):
     write_cohort(tmp_path, monkeypatch)
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)  # bf16 asked for, float32 runs
     cfg = H.DomainShiftConfig(profile="smoke", folds=(0,), ddpm="ae", cddpm="vae", diffusion_variant="default",
-                              contrasts=(1.0, 2.0), n_bins=50, max_batch=8, amp="bf16")
+                              contrasts=(1.0, 2.0), n_bins=50, max_batch=8, amp="bf16", device="cpu")
     said = []
     kld, pairs = H.collect_histograms(cfg, log=said.append)
     assert len([m for m in said if "float32" in m]) == 1  # once for the stage, not per model, set and contrast

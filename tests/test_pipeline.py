@@ -219,7 +219,7 @@ def test_malformed_set_value_names_the_item():
 def test_stages_sharing_reconstructions_are_warned_of_differing_seed_or_amp(monkeypatch):
     from cddpm_lib import runtime
 
-    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)  # bf16 runs where asked: it differs
     assert pipeline.check_values(pipeline.build_dag("smoke")) == []
     warnings = pipeline.check_values(pipeline.build_dag("smoke", {"segmentation": {"amp": "bf16"},
                                                                   "domain_shift": {"seed": 3}}))
@@ -233,7 +233,13 @@ def test_amp_is_compared_as_it_will_run(monkeypatch):
     from cddpm_lib import runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)  # bf16 asked for runs float32 here
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
     assert pipeline.check_values(pipeline.build_dag("smoke", {"segmentation": {"amp": "bf16"}})) == []
+
+
+def test_a_device_torch_does_not_know_stops_the_run_before_it_starts():
+    with pytest.raises(ConfigError, match=r"stage 'segmentation': parameter 'device': 'gpu' is not a device"):
+        pipeline.check_values(pipeline.build_dag("smoke", {"segmentation": {"device": "gpu"}}))
 
 
 def test_run_pipeline_logs_the_value_warnings(fake_env, monkeypatch):

@@ -200,7 +200,7 @@ def test_quality_stage_says_a_float32_fallback_once_through_its_log(stage, monke
     from cddpm_lib import runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
-    cfg, said = dataclasses.replace(stage, amp="bf16"), []
+    cfg, said = dataclasses.replace(stage, amp="bf16", device="cpu"), []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said through the stage's log, not as warnings per model and data set
         Q.evaluate_healthy(cfg, log=said.append)

@@ -153,3 +153,10 @@ def test_stage_amp_says_a_fallback_once_through_the_log_or_as_a_warning(monkeypa
         assert runtime.stage_amp("none", cpu, said.append) == "none" and len(said) == 1  # as asked: silent
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
     assert runtime.stage_amp("bf16", cpu, said.append) == "bf16" and len(said) == 1
+
+
+def test_bad_device_or_precision_names_the_value():
+    with pytest.raises(ValueError, match=r"parameter 'device': 'gpu' is not a device"):
+        runtime.default_device("gpu")
+    with pytest.raises(ValueError, match="amp must be one of .*'bf61'"):
+        runtime.autocast("bf61", torch.device("cpu"))

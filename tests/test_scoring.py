@@ -165,6 +165,7 @@ def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan,
     with pytest.raises(ScoringError, match=r"BraTS21 \(0.2\), MSLUB \(0.1\); pass --threshold-dataset"):
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500")
     assert scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "MSLUB")[0] == 0.1
+    assert scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "MSLUB").amp == "bf16"
     with pytest.raises(ScoringError, match="--threshold-dataset 'WMH'"):
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "WMH")
     with pytest.raises(ScoringError, match=r"variant 't250' \(it has \['t500'\]\)"):  # sweep runs do not count
@@ -188,6 +189,11 @@ def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan,
     table.to_csv(results / "segmentation_runs.csv", index=False)
     with pytest.raises(ScoringError, match=r"segmentation_runs.csv: column 'amp' of ddpm_t2 fold 0 holds 'bf61'"):
         scoring.stage_amp("smoke", "ddpm_t2", 0)
+    with pytest.raises(ScoringError, match=r"column 'amp' of ddpm_t2 fold 0 holds 'bf61'"):
+        scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "BraTS21")
+    # a run that needs neither the stage's threshold nor its precision does not read them
+    out = score_scan(scan, ckpt, runs / "out3", weighting="t2", skull_stripped=True, threshold=0.2, amp="none")
+    assert json.loads(out["summary"].read_text())["threshold_amp"] is None
 
 
 def test_bad_inputs_get_clear_errors(runs, scan, tmp_path, capsys):

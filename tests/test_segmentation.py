@@ -158,7 +158,7 @@ def test_float32_fallback_is_logged_once_and_recorded(roots, monkeypatch):
     write_eval_cohort(paths.source_dir("synthetic", "smoke"), datasets=("BraTS21",), n_val=1, n_test=1)
     write_checkpoint("smoke", "ae", "t2", 0)
     monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
-    cfg, said = _cfg(models=("thresh", "ae"), folds=(0,), amp="bf16"), []
+    cfg, said = _cfg(models=("thresh", "ae"), folds=(0,), amp="bf16", device="cpu"), []
     index = segmentation.reconstruct_all(cfg, segmentation.plan_runs(cfg), log=said.append)
     assert [m for m in said if "float32" in m] == [
         "[segmentation] warning: amp='bf16' needs a CPU on which oneDNN runs bfloat16 (AVX-512 or newer) or a "
@@ -171,7 +171,7 @@ def test_float32_fallback_is_logged_once_and_recorded(roots, monkeypatch):
 def test_inference_time_records_device_and_precision(roots):
     write_eval_cohort(paths.source_dir("synthetic", "smoke"), datasets=("BraTS21",), n_val=1, n_test=1)
     write_checkpoint("smoke", "cddpm", "t2", 0)
-    cfg = _cfg(models=("ddpm", "cddpm"), folds=(0,), timing_volumes=1)
+    cfg = _cfg(models=("ddpm", "cddpm"), folds=(0,), timing_volumes=1, device="cpu")
     times = report.inference_times(cfg, segmentation.plan_runs(cfg), log=lambda m: None)
     ok = times[times["status"] == "ok"]
     assert list(ok["variant"]) == ["t500", "ens"] and (ok["seconds_per_volume"] > 0).all()
