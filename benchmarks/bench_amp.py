@@ -151,7 +151,7 @@ def results_lines(seeds: list[int]) -> list[str]:
             aps.append(float(average_precision(anomaly[None], case["seg"][None])[0]))
         return recons, 100 * float(np.mean(aps))
 
-    infer, train = [], []
+    infer, train, scores = [], [], {}
     for (amp_t, seed), (model, val, minutes, val32) in trained.items():
         ap32 = {}
         for dataset in cases:
@@ -162,6 +162,7 @@ def results_lines(seeds: list[int]) -> list[str]:
                 infer.append(f"| {dataset} | {seed} | {len(r32)} | {max(float(x.max()) for x in d):.4f} | "
                              f"{np.mean([x.mean() for x in d]):.5f} | {ap32[dataset]:.2f} | {ap16:.2f} |")
                 print(infer[-1], flush=True)
+        scores[(amp_t, seed)] = {"val32": val32, **ap32}
         train.append(f"| {'bfloat16' if amp_t == 'bf16' else 'float32'} | {seed} | {minutes:.1f} | {val:.5f} | "
                      f"{val32:.5f} | {ap32['BraTS21']:.2f} | {ap32['MSLUB']:.2f} |")
         print(train[-1], flush=True)
@@ -179,7 +180,25 @@ def results_lines(seeds: list[int]) -> list[str]:
         " seeds give the spread between runs of one precision):", "",
         "| training precision | seed | minutes | best validation loss (the run's, in its precision) | its "
         "validation loss in float32 | AUPRC BraTS21 | AUPRC MSLUB |",
-        "|---|---|---|---|---|---|---|", *train]
+        "|---|---|---|---|---|---|---|", *train, "", *paired_summary(scores, seeds)]
+
+
+def paired_summary(scores: dict, seeds: list[int]) -> list[str]:
+    """bfloat16 − float32 training, paired by seed (mean and range over the seeds), next to the spread of the
+    float32 runs over the seeds."""
+    def span(values) -> str:
+        return f"{np.mean(values):+.2f} (from {min(values):+.2f} to {max(values):+.2f})"
+
+    val = [100 * (scores[("bf16", s)]["val32"] / scores[("none", s)]["val32"] - 1) for s in seeds]
+    lines = [f"bfloat16 − float32 training, paired by seed ({len(seeds)} seeds; mean, range): validation loss in "
+             f"float32 {span(val)} %, higher in {sum(v > 0 for v in val)} of {len(seeds)}"]
+    for dataset in ("BraTS21", "MSLUB"):
+        diff = [scores[("bf16", s)][dataset] - scores[("none", s)][dataset] for s in seeds]
+        fp32 = [scores[("none", s)][dataset] for s in seeds]
+        sd = np.std(fp32, ddof=1) if len(fp32) > 1 else 0.0
+        lines.append(f"; AUPRC {dataset} {span(diff)} points, lower in {sum(d < 0 for d in diff)} of {len(seeds)}"
+                     f" (float32 runs across seeds: standard deviation {sd:.2f})")
+    return ["".join(lines) + "."]
 
 
 def main(argv=None) -> int:
