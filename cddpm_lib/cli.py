@@ -127,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="allow an output folder that already holds files")
     s.add_argument("--profile", choices=paths.PROFILES, default=None,
                    help="preprocessing/post-processing settings (default: the checkpoint's run profile)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     s.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="mixed precision of the reconstruction (default: the one the segmentation stage used for "
-                        "this model, else the segmentation profile's, none); bf16 on CUDA or an AVX-512 CPU, fp16 "
-                        "on CUDA")
+                   help="mixed precision of the reconstruction (default: the one the threshold was chosen on, else "
+                        "the one the segmentation stage used for this model, else the segmentation profile's, "
+                        "none); bf16 on CUDA or an AVX-512 CPU, fp16 on CUDA")
     s.set_defaults(func=cmd_score)
     return p
 
