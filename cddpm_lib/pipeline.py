@@ -326,7 +326,7 @@ def _select(nodes: Sequence[Node], only: Sequence[str] | None) -> list[Node]:
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
     """CPU threads each notebook kernel gets when ``jobs`` run side by side: the cores shared out evenly
     (at least one). Small 2D convolutions scale poorly over threads, so on a 2-core CPU two one-thread runs
-    side by side train ~1.3x more slices per second than one run on two threads (BENCHMARKS.md)."""
+    side by side train ~1.4x more slices per second than one run on two threads (BENCHMARKS.md)."""
     cores = cores or os.cpu_count() or 1
     return max(1, cores // max(1, jobs))
 
