@@ -63,19 +63,19 @@ def random_permutations(n: int, generator: torch.Generator | None = None,
     return keys.argsort(dim=1).to(device if device is not None else keys.device)
 
 
-def _gradient_tables(perm: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-field lookup ``h -> g(h)`` composed with the last hash step: ``[B, 256]`` x- and y-components of
-    ``GRADIENTS_2D[(perm[h] & 14) / 2]``, so that one gather per vertex picks the gradient."""
+def _wrapped_tables(perm: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The hash lookups of :func:`opensimplex2d`, widened so that no index needs masking with ``& 255``.
+
+    ``perm1[k] = perm[(k − 1) & 255]`` for ``k`` in 0..258 (a lattice coordinate mod 256, plus a vertex offset in
+    −1..2, plus one); ``gx[k], gy[k] = GRADIENTS_2D[(perm[(k − 1) & 255] & 14) / 2]`` for ``k`` in 0..513 (a perm
+    value plus a lattice coordinate mod 256 plus an offset, plus one). ``perm1`` holds the values as ``dtype``:
+    the index arithmetic stays in floating point (exact for these small integers) up to the gathers.
+    """
     grads = torch.tensor(GRADIENTS_2D, dtype=dtype, device=perm.device)
-    g = grads[(perm & 0x0E) >> 1]
-    return g[..., 0].contiguous(), g[..., 1].contiguous()
-
-
-def _lattice_gradient_dot(perm: Tensor, tables: tuple[Tensor, Tensor], xsv: Tensor, ysv: Tensor, dx: Tensor,
-                          dy: Tensor) -> Tensor:
-    """``g(xsv, ysv) · (dx, dy)``, the gradient picked by hashing ``perm[(perm[xsv & 255] + ysv) & 255] & 14``."""
-    h = (perm.gather(1, xsv & 0xFF) + ysv) & 0xFF
-    return tables[0].gather(1, h) * dx + tables[1].gather(1, h) * dy
+    g = grads[(perm & 0x0E) >> 1]  # [B, 256, 2]
+    k1 = (torch.arange(LATTICE_PERIOD + 3, device=perm.device) - 1) % LATTICE_PERIOD
+    k2 = (torch.arange(2 * LATTICE_PERIOD + 2, device=perm.device) - 1) % LATTICE_PERIOD
+    return perm[:, k1].to(dtype), g[:, k2, 0].contiguous(), g[:, k2, 1].contiguous()
 
 
 def opensimplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
@@ -83,8 +83,11 @@ def opensimplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
 
     Each point gets the contributions of four lattice vertices of the stretched (rhombic) grid — (1, 0), (0, 1),
     the base vertex (0, 0) or (1, 1) of its triangle, and one extra vertex chosen by its position — each
-    ``max(0, 2 − |d|²)^4 · (g · d)`` with ``d`` the offset to the vertex, summed and divided by 47.
-    Values lie in about ``[−1, 1]``.
+    ``max(0, 2 − |d|²)^4 · (g · d)`` with ``d`` the offset to the vertex and ``g`` the gradient picked by hashing
+    ``perm[(perm[xsv & 255] + ysv) & 255] & 14``, summed and divided by 47. Values lie in about ``[−1, 1]``.
+
+    The vertex choice is arithmetic on 0/1 masks and the hash runs through widened tables
+    (:func:`_wrapped_tables`), so everything up to the gathers is floating-point arithmetic on whole arrays.
     """
     stretch = (x + y) * STRETCH_2D
     xs, ys = x + stretch, y + stretch
@@ -94,28 +97,30 @@ def opensimplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
     xins, yins = xs - xsb, ys - ysb
     in_sum = xins + yins
     lower = in_sum <= 1  # inside the triangle at (0, 0), else inside the one at (1, 1)
-    x_wins = xins > yins
-    one = torch.ones_like(x, dtype=torch.int64)
-    zero = torch.zeros_like(one)
-    # base vertex of the triangle
-    bi = torch.where(lower, zero, one)
-    # extra vertex: lower triangle -> (1,-1)/(-1,1) when (0,0) is among the two closest vertices, else (1,1);
-    # upper triangle -> (2,0)/(0,2) when (1,1) is among the two closest, else (0,0)
-    near_lo = ((1 - in_sum) > xins) | ((1 - in_sum) > yins)
-    near_hi = ((2 - in_sum) < xins) | ((2 - in_sum) < yins)
-    ei = torch.where(lower, torch.where(near_lo, torch.where(x_wins, one, -one), one),
-                     torch.where(near_hi, torch.where(x_wins, 2 * one, zero), zero))
-    ej = torch.where(lower, torch.where(near_lo, torch.where(x_wins, -one, one), one),
-                     torch.where(near_hi, torch.where(x_wins, zero, 2 * one), zero))
-    xsb_i, ysb_i = xsb.long(), ysb.long()
-    tables = _gradient_tables(perm, x.dtype)
+    # near: lower triangle -> (0, 0) is among the two closest vertices; upper -> (1, 1) is
+    near = torch.where(lower, ((1 - in_sum) > xins) | ((1 - in_sum) > yins),
+                       ((2 - in_sum) < xins) | ((2 - in_sum) < yins)).to(x.dtype)
+    low, x_wins = lower.to(x.dtype), (xins > yins).to(x.dtype)
+    # base vertex (bi, bi) of the triangle; extra vertex (ei, ej): lower triangle -> (1, −1) or (−1, 1) when near
+    # (x or y wins), else (1, 1); upper triangle -> (2, 0) or (0, 2) when near, else (0, 0)
+    near_x, low_near = near * x_wins, low * near
+    bi = 1 - low
+    ei = low + 2 * (near_x - low_near)
+    ej = low + 2 * (near - near_x - low_near)
+    xm = torch.remainder(xsb, LATTICE_PERIOD) + 1  # + 1: the tables are indexed one past the value
+    ym = torch.remainder(ysb, LATTICE_PERIOD) + 1
+    perm1, gx, gy = _wrapped_tables(perm, x.dtype)
     value = torch.zeros_like(x)
     for i, j in ((1, 0), (0, 1), (bi, bi), (ei, ej)):
-        shift = (i + j) * SQUISH_2D if isinstance(i, int) else (i + j).to(x.dtype) * SQUISH_2D
-        dx, dy = dx0 - i - shift, dy0 - j - shift
-        attn = (2 - dx * dx - dy * dy).clamp_min(0)
+        if isinstance(i, int):
+            dx, dy = dx0 - (i + (i + j) * SQUISH_2D), dy0 - (j + (i + j) * SQUISH_2D)
+        else:
+            shift = (i + j) * SQUISH_2D
+            dx, dy = dx0 - i - shift, dy0 - j - shift
+        attn = (2 - dx * dx - dy * dy).clamp_min_(0)
         attn = attn * attn
-        value = value + attn * attn * _lattice_gradient_dot(perm, tables, xsb_i + i, ysb_i + j, dx, dy)
+        h = (perm1.gather(1, (xm + i).long()) + ym + j).long()
+        value += attn * attn * (gx.gather(1, h) * dx + gy.gather(1, h) * dy)
     return value / NORM_2D
 
 
