@@ -2,8 +2,9 @@
 
 - :class:`SimplexNoise` — structured multi-octave simplex noise of Wyatt et al. (AnoDDPM, 2022), which the paper
   uses for DDPM, pDDPM and cDDPM (§4.4). The base noise is 2D *OpenSimplex* noise (K. Spencer's algorithm, the
-  one the authors' code and the ``opensimplex`` package implement), computed here for whole batches at once in
-  torch (CPU or GPU): :func:`opensimplex2d`.
+  one the authors' code and the ``opensimplex`` package implement), computed for whole batches at once: as torch
+  array operations on any device (:func:`opensimplex2d`) and, on a CPU, by a numba-compiled kernel of the same
+  arithmetic that is several times faster there (:func:`fractal_simplex`, ``backend``).
 - :class:`GaussianNoise` — ``ε ~ N(0, I)`` of the standard DDPM (Ho et al. 2020).
 - :func:`coarse_noise` — low-resolution Gaussian noise for the DAE baseline (Kascenas et al. 2022).
 
@@ -24,10 +25,12 @@ deviation is about 0.6 with these settings; with the images diffused in [−1, 1
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,6 +43,8 @@ NORM_2D = 47.0
 GRADIENTS_2D = ((5, 2), (2, 5), (-5, 2), (-2, 5), (5, -2), (2, -5), (-5, -2), (-2, -5))
 #: the permutation table repeats every 256 lattice cells, so offsets beyond that add nothing
 LATTICE_PERIOD = 256
+#: how :func:`fractal_simplex` computes: ``auto`` (numba on a CPU where installed, else torch), ``torch``, ``numba``
+SIMPLEX_BACKENDS = ("auto", "torch", "numba")
 
 
 class NoiseFn(Protocol):
@@ -124,13 +129,92 @@ def opensimplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
     return value / NORM_2D
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_fractal():
+    """The CPU kernel of :func:`fractal_simplex`: the same OpenSimplex sum point by point, compiled with numba
+    (``None`` where numba is not installed). One pass over every point, its octaves and four vertices without
+    intermediate arrays: on one CPU thread several times faster than the array form (``BENCHMARKS.md``)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    grad_x = np.array([g[0] for g in GRADIENTS_2D], dtype=np.float64)
+    grad_y = np.array([g[1] for g in GRADIENTS_2D], dtype=np.float64)
+
+    @numba.njit(cache=True, fastmath=True)
+    def vertex(p, xsb, ysb, dx0, dy0, i, j):
+        """``max(0, 2 − |d|²)^4 · (g · d)`` of lattice vertex ``(xsb + i, ysb + j)``."""
+        shift = (i + j) * SQUISH_2D
+        dx, dy = dx0 - i - shift, dy0 - j - shift
+        falloff = 2.0 - dx * dx - dy * dy
+        if falloff <= 0.0:
+            return 0.0
+        g = (p[(p[(xsb + i) & 0xFF] + ysb + j) & 0xFF] & 0x0E) >> 1
+        falloff *= falloff
+        return falloff * falloff * (grad_x[g] * dx + grad_y[g] * dy)
+
+    @numba.njit(cache=True, fastmath=True)
+    def kernel(perm, offset, octaves, persistence, frequency, out):
+        out[:] = 0.0
+        for b in range(out.shape[0]):
+            p = perm[b]
+            amplitude, scale = 1.0 / NORM_2D, frequency
+            for _ in range(octaves):
+                for row in range(out.shape[1]):
+                    y = row * scale + offset[b, 1]
+                    for col in range(out.shape[2]):
+                        x = col * scale + offset[b, 0]
+                        stretch = (x + y) * STRETCH_2D
+                        xs, ys = x + stretch, y + stretch
+                        fx, fy = np.floor(xs), np.floor(ys)
+                        xsb, ysb = int(fx), int(fy)
+                        squish = (fx + fy) * SQUISH_2D
+                        dx0, dy0 = x - (fx + squish), y - (fy + squish)
+                        xins, yins = xs - fx, ys - fy
+                        in_sum = xins + yins
+                        value = vertex(p, xsb, ysb, dx0, dy0, 1, 0) + vertex(p, xsb, ysb, dx0, dy0, 0, 1)
+                        if in_sum <= 1.0:  # triangle at (0, 0); extra vertex (1, −1)/(−1, 1) or (1, 1)
+                            value += vertex(p, xsb, ysb, dx0, dy0, 0, 0)
+                            if (1.0 - in_sum) > xins or (1.0 - in_sum) > yins:
+                                ei, ej = (1, -1) if xins > yins else (-1, 1)
+                            else:
+                                ei, ej = 1, 1
+                        else:  # triangle at (1, 1); extra vertex (2, 0)/(0, 2) or (0, 0)
+                            value += vertex(p, xsb, ysb, dx0, dy0, 1, 1)
+                            if (2.0 - in_sum) < xins or (2.0 - in_sum) < yins:
+                                ei, ej = (2, 0) if xins > yins else (0, 2)
+                            else:
+                                ei, ej = 0, 0
+                        value += vertex(p, xsb, ysb, dx0, dy0, ei, ej)
+                        out[b, row, col] += amplitude * value
+                amplitude *= persistence
+                scale *= 2.0
+
+    return kernel
+
+
 def fractal_simplex(height: int, width: int, perm: Tensor, offset: Tensor, octaves: int = 6,
-                    persistence: float = 0.8, frequency: float = 1 / 64, dtype: torch.dtype = torch.float32) -> Tensor:
+                    persistence: float = 0.8, frequency: float = 1 / 64, dtype: torch.dtype = torch.float32,
+                    backend: str = "auto") -> Tensor:
     """Sum of ``octaves`` OpenSimplex layers (AnoDDPM): ``Σ_k persistence^k · n(pixel · frequency · 2^k + offset)``.
 
     perm: [B, 256] permutation tables; offset: [B, 2] lattice offsets (x, y) -> [B, height, width].
     Pixel ``(row, col)`` is sampled at ``(x, y) = (col, row)`` scaled, as in the authors' code.
+
+    backend: ``torch`` — :func:`opensimplex2d` on whole arrays (CPU or GPU); ``numba`` — the compiled CPU kernel
+    (:func:`_compiled_fractal`, in float64 and then cast to ``dtype``; the two agree to float32 rounding);
+    ``auto`` — numba for CPU tensors where it is installed, torch otherwise.
     """
+    if backend not in SIMPLEX_BACKENDS:
+        raise ValueError(f"fractal_simplex: backend must be one of {SIMPLEX_BACKENDS}, got {backend!r}")
+    kernel = _compiled_fractal() if backend != "torch" and perm.device.type == "cpu" else None
+    if backend == "numba" and kernel is None:
+        raise RuntimeError("fractal_simplex: backend='numba' needs numba installed and CPU tensors")
+    if kernel is not None:
+        out = np.empty((perm.shape[0], height, width), dtype=np.float64)
+        kernel(perm.numpy().astype(np.int64), offset.double().numpy(), int(octaves), float(persistence),
+               float(frequency), out)
+        return torch.from_numpy(out).to(dtype)
     device = perm.device
     rows = torch.arange(height, device=device, dtype=dtype)
     cols = torch.arange(width, device=device, dtype=dtype)
@@ -158,6 +242,7 @@ class SimplexNoise:
     Defaults: 6 octaves, persistence 0.8, ``frequency=1/64`` (the authors' ``frequency=64``, module docstring).
     ``shared_across_batch``: one field repeated over the batch (authors) instead of one per sample.
     ``normalize``: zero mean, unit variance per field (default off, as in the authors' code).
+    ``backend``: how :func:`fractal_simplex` computes the fields (``auto``: the compiled kernel on a CPU).
     """
 
     octaves: int = 6
@@ -165,11 +250,14 @@ class SimplexNoise:
     frequency: float = 1 / 64
     normalize: bool = False
     shared_across_batch: bool = False
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.octaves < 1 or self.frequency <= 0 or not 0 < self.persistence:
             raise ValueError(f"SimplexNoise: need octaves >= 1, frequency > 0 and persistence > 0, got "
                              f"{self.octaves}, {self.frequency}, {self.persistence}")
+        if self.backend not in SIMPLEX_BACKENDS:
+            raise ValueError(f"SimplexNoise: backend must be one of {SIMPLEX_BACKENDS}, got {self.backend!r}")
 
     def __call__(self, shape: Sequence[int], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
@@ -182,7 +270,7 @@ class SimplexNoise:
         offset = torch.rand(n_fields, 2, generator=generator, device=src) * LATTICE_PERIOD
         out_device = torch.device(device) if device is not None else src
         noise = fractal_simplex(height, width, perm.to(out_device), offset.to(out_device), self.octaves,
-                                self.persistence, self.frequency)
+                                self.persistence, self.frequency, backend=self.backend)
         if self.normalize:
             noise = standardize_fields(noise)
         if self.shared_across_batch:

@@ -78,9 +78,32 @@ def test_vectorised_simplex_matches_opensimplex_package():
 def test_float32_simplex_agrees_with_float64():
     perm = random_permutations(2, torch.Generator().manual_seed(0))
     off = torch.tensor([[12.3, 200.1], [0.5, 77.7]])
-    a = fractal_simplex(24, 24, perm, off, dtype=torch.float64)
-    b = fractal_simplex(24, 24, perm, off, dtype=torch.float32)
+    a = fractal_simplex(24, 24, perm, off, dtype=torch.float64, backend="torch")
+    b = fractal_simplex(24, 24, perm, off, dtype=torch.float32, backend="torch")
     assert torch.allclose(a.float(), b, atol=1e-4)
+
+
+def test_compiled_kernel_matches_the_array_form():
+    """The CPU kernel (numba) against the torch array form, which the scalar references above pin: same fields
+    in float64 for any offsets, including negative ones and beyond the lattice period."""
+    pytest.importorskip("numba")
+    perm = random_permutations(3, torch.Generator().manual_seed(5))
+    off = torch.tensor([[0.0, 0.0], [-37.25, 901.5], [255.9, -0.1]])
+    for octaves, frequency in ((6, 1 / 64), (3, 1 / 5)):
+        a = fractal_simplex(17, 23, perm, off, octaves, 0.8, frequency, torch.float64, backend="torch")
+        b = fractal_simplex(17, 23, perm, off, octaves, 0.8, frequency, torch.float64, backend="numba")
+        assert b.shape == (3, 17, 23) and b.dtype == torch.float64
+        assert (a - b).abs().max() <= 1e-9 and a.std() > 0.05
+    auto = fractal_simplex(17, 23, perm, off, 3, 0.8, 1 / 5)  # auto on a CPU: the kernel, cast to float32
+    torch.testing.assert_close(auto, b.float(), rtol=0, atol=0)
+
+
+def test_backend_is_checked():
+    perm, off = random_permutations(1, torch.Generator().manual_seed(0)), torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fractal_simplex(4, 4, perm, off, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SimplexNoise(backend="numpy")
 
 
 def test_normalised_fields_have_zero_mean_unit_variance():
