@@ -261,7 +261,12 @@ class SimplexNoise:
 
     def __call__(self, shape: Sequence[int], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
-        """ε of ``shape = [B, C, H, W]`` (float32); each of the ``B · C`` fields independent unless shared."""
+        """ε of ``shape = [B, C, H, W]`` (float32); each of the ``B · C`` fields independent unless shared.
+
+        With a ``generator`` the fields are computed where its numbers are drawn (a CPU generator: the CPU
+        kernel) and then moved to ``device``, so that a seeded draw (the test-time noise of a reconstruction) is
+        the same on every device; without one they are computed on ``device`` (training on a GPU).
+        """
         *lead, height, width = (int(s) for s in shape)
         n = math.prod(lead)
         n_fields = 1 if self.shared_across_batch else n
@@ -269,8 +274,9 @@ class SimplexNoise:
         perm = random_permutations(n_fields, generator, src)
         offset = torch.rand(n_fields, 2, generator=generator, device=src) * LATTICE_PERIOD
         out_device = torch.device(device) if device is not None else src
-        noise = fractal_simplex(height, width, perm.to(out_device), offset.to(out_device), self.octaves,
-                                self.persistence, self.frequency, backend=self.backend)
+        where = src if generator is not None else out_device
+        noise = fractal_simplex(height, width, perm.to(where), offset.to(where), self.octaves,
+                                self.persistence, self.frequency, backend=self.backend).to(out_device)
         if self.normalize:
             noise = standardize_fields(noise)
         if self.shared_across_batch:
