@@ -5,8 +5,8 @@ One batch of ``--batch`` independent fields of 96 × 96 pixels, 6 octaves, persi
 
 - **reference**: the ``opensimplex`` package, one field at a time (``OpenSimplex(seed).noise2array`` per octave),
   which is how the authors' code builds its noise (they use a numba-compiled fork of the same algorithm); the
-  package compiles its loops with numba when numba is installed (``pip install -e .[bench]`` installs it) and
-  runs them in pure Python otherwise, and the table says which ran (the compilation is left out of the timing);
+  package compiles its loops with numba when numba is installed (a dependency of the kit) and runs them in pure
+  Python otherwise, and the table says which ran (the compilation is left out of the timing);
 - **kit**: :class:`cddpm_lib.noise.SimplexNoise` — all fields of the batch in one call: on a CPU the numba kernel
   (its default there), and the torch array form (``backend='torch'``, the path on a GPU), the latter timed under
   glibc's default allocator and with freed memory kept in the process (:func:`cddpm_lib.runtime.keep_freed_memory`),

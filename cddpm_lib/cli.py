@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import paths
-from .config import ConfigError
+from .config import AMPS, ConfigError
 
 DESCRIPTION = ("cDDPM reproduction kit (Behrendt et al. 2023): reproduce the paper's tables and figures, check a "
                "data manifest, or score a scan with a trained model. `cddpm-uad COMMAND --help` for each command.")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", choices=paths.PROFILES, default=None,
                    help="preprocessing/post-processing settings (default: the checkpoint's run profile)")
     s.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    s.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+    s.add_argument("--amp", choices=AMPS, default=None,
                    help="mixed precision of the reconstruction (default: the one the threshold was chosen on, else "
                         "the one the segmentation stage used for this model, else the segmentation profile's, "
                         "none); bf16 on CUDA or an AVX-512 CPU, fp16 on CUDA")

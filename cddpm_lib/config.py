@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+#: mixed precisions a stage can ask for: float32 (``none``), bfloat16 and float16 autocast (``runtime.effective_amp``)
+AMPS = ("none", "bf16", "fp16")
 #: a decimal number as text, e.g. "1e-4", which YAML 1.1 leaves a string
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 

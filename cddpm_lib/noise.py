@@ -129,68 +129,17 @@ def opensimplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
     return value / NORM_2D
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_fractal():
-    """The CPU kernel of :func:`fractal_simplex`: the same OpenSimplex sum point by point, compiled with numba
-    (``None`` where numba is not installed). One pass over every point, its octaves and four vertices without
-    intermediate arrays: on one CPU thread several times faster than the array form (``BENCHMARKS.md``)."""
-    try:
-        import numba
-    except ImportError:
+    """The CPU kernel of :func:`fractal_simplex` (:func:`cddpm_lib.simplex_kernel.fractal`), or ``None`` where numba
+    is not installed (then the torch form runs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
         return None
-    grad_x = np.array([g[0] for g in GRADIENTS_2D], dtype=np.float64)
-    grad_y = np.array([g[1] for g in GRADIENTS_2D], dtype=np.float64)
+    from .simplex_kernel import fractal
 
-    @numba.njit(cache=True, fastmath=True)
-    def vertex(p, xsb, ysb, dx0, dy0, i, j):
-        """``max(0, 2 − |d|²)^4 · (g · d)`` of lattice vertex ``(xsb + i, ysb + j)``."""
-        shift = (i + j) * SQUISH_2D
-        dx, dy = dx0 - i - shift, dy0 - j - shift
-        falloff = 2.0 - dx * dx - dy * dy
-        if falloff <= 0.0:
-            return 0.0
-        g = (p[(p[(xsb + i) & 0xFF] + ysb + j) & 0xFF] & 0x0E) >> 1
-        falloff *= falloff
-        return falloff * falloff * (grad_x[g] * dx + grad_y[g] * dy)
-
-    @numba.njit(cache=True, fastmath=True)
-    def kernel(perm, offset, octaves, persistence, frequency, out):
-        out[:] = 0.0
-        for b in range(out.shape[0]):
-            p = perm[b]
-            amplitude, scale = 1.0 / NORM_2D, frequency
-            for _ in range(octaves):
-                for row in range(out.shape[1]):
-                    y = row * scale + offset[b, 1]
-                    for col in range(out.shape[2]):
-                        x = col * scale + offset[b, 0]
-                        stretch = (x + y) * STRETCH_2D
-                        xs, ys = x + stretch, y + stretch
-                        fx, fy = np.floor(xs), np.floor(ys)
-                        xsb, ysb = int(fx), int(fy)
-                        squish = (fx + fy) * SQUISH_2D
-                        dx0, dy0 = x - (fx + squish), y - (fy + squish)
-                        xins, yins = xs - fx, ys - fy
-                        in_sum = xins + yins
-                        value = vertex(p, xsb, ysb, dx0, dy0, 1, 0) + vertex(p, xsb, ysb, dx0, dy0, 0, 1)
-                        if in_sum <= 1.0:  # triangle at (0, 0); extra vertex (1, −1)/(−1, 1) or (1, 1)
-                            value += vertex(p, xsb, ysb, dx0, dy0, 0, 0)
-                            if (1.0 - in_sum) > xins or (1.0 - in_sum) > yins:
-                                ei, ej = (1, -1) if xins > yins else (-1, 1)
-                            else:
-                                ei, ej = 1, 1
-                        else:  # triangle at (1, 1); extra vertex (2, 0)/(0, 2) or (0, 0)
-                            value += vertex(p, xsb, ysb, dx0, dy0, 1, 1)
-                            if (2.0 - in_sum) < xins or (2.0 - in_sum) < yins:
-                                ei, ej = (2, 0) if xins > yins else (0, 2)
-                            else:
-                                ei, ej = 0, 0
-                        value += vertex(p, xsb, ysb, dx0, dy0, ei, ej)
-                        out[b, row, col] += amplitude * value
-                amplitude *= persistence
-                scale *= 2.0
-
-    return kernel
+    return fractal
 
 
 def fractal_simplex(height: int, width: int, perm: Tensor, offset: Tensor, octaves: int = 6,
@@ -202,18 +151,23 @@ def fractal_simplex(height: int, width: int, perm: Tensor, offset: Tensor, octav
     Pixel ``(row, col)`` is sampled at ``(x, y) = (col, row)`` scaled, as in the authors' code.
 
     backend: ``torch`` — :func:`opensimplex2d` on whole arrays (CPU or GPU); ``numba`` — the compiled CPU kernel
-    (:func:`_compiled_fractal`, in float64 and then cast to ``dtype``; the two agree to float32 rounding);
-    ``auto`` — numba for CPU tensors where it is installed, torch otherwise.
+    (:mod:`cddpm_lib.simplex_kernel`, in float64 and then cast to ``dtype``; the two agree to 1e-9 in float64,
+    while the torch form in float32 also rounds the sample coordinates, about 1e-4 apart); ``auto`` — numba for CPU
+    tensors where it is installed, torch otherwise.
     """
     if backend not in SIMPLEX_BACKENDS:
         raise ValueError(f"fractal_simplex: backend must be one of {SIMPLEX_BACKENDS}, got {backend!r}")
+    if perm.ndim != 2 or perm.shape[1] != LATTICE_PERIOD or tuple(offset.shape) != (perm.shape[0], 2):
+        raise ValueError(f"fractal_simplex: expected perm [B, {LATTICE_PERIOD}] and offset [B, 2], got "
+                         f"{tuple(perm.shape)} and {tuple(offset.shape)}")
     kernel = _compiled_fractal() if backend != "torch" and perm.device.type == "cpu" else None
     if backend == "numba" and kernel is None:
         raise RuntimeError("fractal_simplex: backend='numba' needs numba installed and CPU tensors")
     if kernel is not None:
         out = np.empty((perm.shape[0], height, width), dtype=np.float64)
-        kernel(perm.numpy().astype(np.int64), offset.double().numpy(), int(octaves), float(persistence),
-               float(frequency), out)
+        kernel(np.ascontiguousarray(perm.detach().numpy(), dtype=np.int64),
+               offset.detach().to("cpu", torch.float64).numpy(), int(octaves), float(persistence), float(frequency),
+               out)
         return torch.from_numpy(out).to(dtype)
     device = perm.device
     rows = torch.arange(height, device=device, dtype=dtype)
@@ -261,12 +215,8 @@ class SimplexNoise:
 
     def __call__(self, shape: Sequence[int], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
-        """ε of ``shape = [B, C, H, W]`` (float32); each of the ``B · C`` fields independent unless shared.
-
-        With a ``generator`` the fields are computed where its numbers are drawn (a CPU generator: the CPU
-        kernel) and then moved to ``device``, so that a seeded draw (the test-time noise of a reconstruction) is
-        the same on every device; without one they are computed on ``device`` (training on a GPU).
-        """
+        """ε of ``shape = [B, C, H, W]`` (float32); each of the ``B · C`` fields independent unless shared. The
+        random tables come from ``generator`` (on its device); the fields are computed on ``device``."""
         *lead, height, width = (int(s) for s in shape)
         n = math.prod(lead)
         n_fields = 1 if self.shared_across_batch else n
@@ -274,9 +224,8 @@ class SimplexNoise:
         perm = random_permutations(n_fields, generator, src)
         offset = torch.rand(n_fields, 2, generator=generator, device=src) * LATTICE_PERIOD
         out_device = torch.device(device) if device is not None else src
-        where = src if generator is not None else out_device
-        noise = fractal_simplex(height, width, perm.to(where), offset.to(where), self.octaves,
-                                self.persistence, self.frequency, backend=self.backend).to(out_device)
+        noise = fractal_simplex(height, width, perm.to(out_device), offset.to(out_device), self.octaves,
+                                self.persistence, self.frequency, backend=self.backend)
         if self.normalize:
             noise = standardize_fields(noise)
         if self.shared_across_batch:

@@ -20,11 +20,12 @@ Table 3's t500, the ENS rows, the Fig. 5 sweep and Table 2 share one set of netw
 :func:`reconstruct_dataset` writes one compressed ``<subject_id>.npz`` per volume holding ``image, recon, anomaly,
 brain_mask, seg, affine`` (float32 volumes ``[X, Y, Z]``, uint8 masks) plus ``seconds`` (model time of that volume).
 Existing valid files are kept (the stage resumes after an interruption). Diffusion reconstructions draw their noise
-from a CPU ``torch.Generator`` seeded per subject and are computed on the CPU (``noise.SimplexNoise``), so a
-volume's noise does not depend on the device, the order of the volumes or ``max_batch``, and its reconstruction
-depends on the device only through the network's arithmetic: about 1e-6 in float32, while bfloat16 (``amp``) moves a reconstruction by up to a few 1e-3 (``BENCHMARKS.md``) and need not
-round alike on two devices. A saved file's key holds the precision but not the device, so a bfloat16 file saved
-on one device is reused on another.
+from a CPU ``torch.Generator`` seeded per subject, so a volume's noise does not depend on the order of the volumes
+or ``max_batch``, and on the device only through arithmetic: a CPU computes the simplex fields with the numba
+kernel in float64, a GPU with torch in float32 (``noise.fractal_simplex``; up to about 1e-4 apart), and the network
+differs by about 1e-6 in float32, while bfloat16 (``amp``) moves a reconstruction by up to a few 1e-3
+(``BENCHMARKS.md``). A saved file's key holds the precision but not the device, so a file saved on one device is
+reused on another.
 """
 from __future__ import annotations
 

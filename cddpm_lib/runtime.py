@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 import torch
 
+from .config import AMPS
+
 
 def default_device(requested: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; any other string is passed to ``torch.device`` (a string it does
@@ -40,10 +42,6 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
-#: the mixed precisions a stage can ask for: float32 (``none``), bfloat16 and float16 autocast
-AMPS = ("none", "bf16", "fp16")
-
-
 def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
     """The mixed precision ``amp`` (``none``, ``bf16``, ``fp16``) that runs on ``device``, and why it differs.
 
@@ -52,7 +50,7 @@ def effective_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
     ``None`` when ``amp`` runs as asked, else a sentence saying what runs instead.
     """
     if amp not in AMPS:
-        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+        raise ValueError(f"amp must be one of {AMPS}, got {amp!r}")
     if amp == "none" or device.type == "cuda" or (amp == "bf16" and device.type == "cpu" and cpu_bf16_supported()):
         return amp, None
     why = ("needs a CUDA device" if amp == "fp16" or device.type != "cpu"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import paths
-from .config import ConfigError, profile_params
+from .config import AMPS, ConfigError, profile_params
 
 WEIGHTINGS = ("t1", "t2")
 
@@ -121,7 +121,8 @@ def stage_variant(profile: str, model_id: str | None, fold: int | None, results:
     return variants[0] if len(variants) == 1 else None
 
 
-def stage_amp(profile: str, model_id: str | None, fold: int | None, results: Path | None = None) -> str | None:
+def segmentation_amp(profile: str, model_id: str | None, fold: int | None, results: Path | None = None
+                     ) -> str | None:
     """The precision the segmentation stage reconstructed this model with (``segmentation_runs.csv``'s ``amp``:
     the one that ran, after any fallback), or ``None`` when the stage recorded none or more than one. A value
     that is no precision (``none``, ``bf16``, ``fp16``) is an error naming the file."""
@@ -137,8 +138,6 @@ def stage_amp(profile: str, model_id: str | None, fold: int | None, results: Pat
 
 def _recorded_amp(value: Any, csv: Path, model_id: str | None, fold: int | None) -> str:
     """A precision read from ``segmentation_runs.csv``, checked (an error names the file)."""
-    from .runtime import AMPS
-
     if str(value) not in AMPS:
         raise ScoringError(f"{csv}: column 'amp' of {model_id} fold {fold} holds {value!r}, not one of {AMPS}")
     return str(value)
@@ -313,7 +312,7 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     ``overwrite``: allow an ``output`` folder that already holds files. ``amp``: mixed precision of the
     reconstruction (:func:`cddpm_lib.reconstruct.reconstruct_volume`); default the precision the stage's
     threshold was chosen on (``segmentation_runs.csv``'s ``amp`` of its row), else the one the segmentation stage
-    reconstructed this model with (:func:`stage_amp`), else the segmentation profile's. ``summary.json`` records
+    reconstructed this model with (:func:`segmentation_amp`), else the segmentation profile's. ``summary.json`` records
     the one that ran (``amp``) and, for a threshold of the stage, the one the threshold was chosen on
     (``threshold_amp``); an ``amp`` that differs from it is warned of (bfloat16 moves a reconstruction by up to a
     few 1e-3, ``BENCHMARKS.md``).
@@ -368,9 +367,15 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
             weights=module_fingerprint(model))
     else:
         threshold_source, threshold_amp = "given (--threshold)", None
-    # precision: as asked, else the one the threshold (or the stage's other runs of this model) was chosen on
-    requested_amp = (amp or threshold_amp or stage_amp(profile, info.model_id, info.fold, info.results_dir)
-                     or seg_cfg.amp)
+    # precision: as asked, else the one the threshold (or the stage's other runs of this model) was chosen on;
+    # said before the preprocessing, which can take minutes
+    amp_run, amp_note = effective_amp(amp or threshold_amp or segmentation_amp(profile, info.model_id, info.fold,
+                                                                               info.results_dir) or seg_cfg.amp, dev)
+    if amp_note:
+        print(f"warning: {amp_note}", file=sys.stderr)
+    if threshold_amp is not None and amp_run != threshold_amp:
+        print(f"warning: the threshold was chosen on reconstructions in amp={threshold_amp!r}; this scan is "
+              f"reconstructed in amp={amp_run!r}", file=sys.stderr)
     registration = (f"through the session's {pre_cfg.registration_weighting.upper()} (--t1), as the training data"
                     if t1 is not None or weighting == trained_reg else
                     f"on the {weighting.upper()} itself: the training data were registered and skull-stripped "
@@ -389,12 +394,6 @@ def score_scan(scan: Path, checkpoint: Path, output: Path, *, weighting: str, th
     mask = load_nifti(sub_dir / "brain_mask.nii.gz")[0] > 0
 
     model.to(dev)
-    amp_run, amp_note = effective_amp(requested_amp, dev)
-    if amp_note:
-        print(f"warning: {amp_note}", file=sys.stderr)
-    if threshold_amp is not None and amp_run != threshold_amp:
-        print(f"warning: the threshold was chosen on reconstructions in amp={threshold_amp!r}; this scan is "
-              f"reconstructed in amp={amp_run!r}", file=sys.stderr)
     recon, residual = reconstruct_volume(model, image, mask, device=dev, seed=subject_seed(seed, subject["subject_id"]),
                                          amp=amp_run, **recon_kwargs)
     anomaly = continuous_map_fn(seg_cfg)(residual, mask).astype(np.float32)

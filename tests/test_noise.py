@@ -104,6 +104,19 @@ def test_backend_is_checked():
         fractal_simplex(4, 4, perm, off, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         SimplexNoise(backend="numpy")
+    with pytest.raises(ValueError, match=r"expected perm \[B, 256\] and offset \[B, 2\], got \(1, 256\) and \(2, 2\)"):
+        fractal_simplex(4, 4, perm, torch.zeros(2, 2))
+
+
+def test_without_numba_the_array_form_runs(monkeypatch):
+    from cddpm_lib import noise
+
+    perm, off = random_permutations(2, torch.Generator().manual_seed(1)), torch.tensor([[3.5, 7.0], [100.0, 1.0]])
+    monkeypatch.setattr(noise, "_compiled_fractal", lambda: None)
+    torch.testing.assert_close(fractal_simplex(8, 8, perm, off), fractal_simplex(8, 8, perm, off, backend="torch"),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs numba installed"):
+        fractal_simplex(8, 8, perm, off, backend="numba")
 
 
 def test_normalised_fields_have_zero_mean_unit_variance():

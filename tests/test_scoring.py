@@ -161,7 +161,8 @@ def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan,
     assert scoring.stage_variant("smoke", "ddpm_t2", 0) == "t500"
     assert scoring.stage_variant("smoke", "vae_t2", 0) is None
     # and reconstructed it in bfloat16 (the profile says float32): that precision is the default too
-    assert scoring.stage_amp("smoke", "ddpm_t2", 0) == "bf16" and scoring.stage_amp("smoke", "vae_t2", 0) is None
+    assert scoring.segmentation_amp("smoke", "ddpm_t2", 0) == "bf16"
+    assert scoring.segmentation_amp("smoke", "vae_t2", 0) is None
     with pytest.raises(ScoringError, match=r"BraTS21 \(0.2\), MSLUB \(0.1\); pass --threshold-dataset"):
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500")
     assert scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "MSLUB")[0] == 0.1
@@ -188,7 +189,7 @@ def test_threshold_per_data_set_and_the_stages_variant_and_precision(runs, scan,
     table.loc[0, "amp"] = "bf61"
     table.to_csv(results / "segmentation_runs.csv", index=False)
     with pytest.raises(ScoringError, match=r"segmentation_runs.csv: column 'amp' of ddpm_t2 fold 0 holds 'bf61'"):
-        scoring.stage_amp("smoke", "ddpm_t2", 0)
+        scoring.segmentation_amp("smoke", "ddpm_t2", 0)
     with pytest.raises(ScoringError, match=r"column 'amp' of ddpm_t2 fold 0 holds 'bf61'"):
         scoring.validation_threshold("smoke", "ddpm_t2", 0, "t500", "BraTS21")
     # a run that needs neither the stage's threshold nor its precision does not read them
