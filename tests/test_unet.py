@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from cddpm_lib.unet import AttentionBlock, ResBlock, UNet, film, group_norm, norm_film, timestep_embedding
+import torch.nn.functional as F
+
+from cddpm_lib.unet import (AttentionBlock, ResBlock, UNet, downsample2x, film, group_norm, norm_film,
+                             timestep_embedding, upsample2x)
 
 TINY = dict(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=2)
 
@@ -136,3 +139,66 @@ def test_group_norm_uses_a_divisor_of_the_width():
     assert group_norm(128).num_groups == 32
     assert group_norm(24).num_groups == 24
     assert group_norm(40).num_groups == 20
+
+
+def test_resampling_equals_torch_interpolate_and_avg_pool():
+    """The CPU fast paths give PyTorch's nearest ×2 upsampling exactly and its 2 × 2 average pool to rounding,
+    forward and backward (analytic gradients checked numerically, also the second derivative)."""
+    x = torch.randn(3, 5, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    up, down = upsample2x(x), downsample2x(x)
+    assert torch.equal(up, F.interpolate(x, scale_factor=2, mode="nearest"))
+    assert torch.allclose(down, F.avg_pool2d(x, 2), atol=1e-14, rtol=0)
+    w_up, w_down = torch.randn_like(up), torch.randn_like(down)
+    g_up, = torch.autograd.grad((up * w_up).sum(), x)
+    g_down, = torch.autograd.grad((down * w_down).sum(), x)
+    assert torch.allclose(g_up, w_up.reshape(3, 5, 8, 2, 6, 2).sum((3, 5)), atol=1e-14)
+    assert torch.equal(g_down, F.interpolate(w_down, scale_factor=2, mode="nearest") / 4)
+    small = x[:1, :2, :4, :4].detach().clone().requires_grad_()
+    for fn in (upsample2x, downsample2x):
+        assert torch.autograd.gradcheck(fn, (small,))
+        assert torch.autograd.gradgradcheck(fn, (small,))
+
+
+def test_resampling_in_bfloat16_and_in_the_fallback_layouts():
+    """bfloat16 keeps its dtype (the 2 × 2 sum accumulated in float32, one rounding as avg_pool2d); a channels-last
+    or non-contiguous input takes PyTorch's kernels and keeps its layout."""
+    g = torch.Generator().manual_seed(1)
+    xb = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    assert downsample2x(xb).dtype == torch.bfloat16
+    assert torch.equal(downsample2x(xb), F.avg_pool2d(xb, 2))
+    assert torch.equal(upsample2x(xb), F.interpolate(xb, scale_factor=2, mode="nearest"))
+    cl = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    for fn, ref in ((upsample2x, F.interpolate(cl, scale_factor=2, mode="nearest")),
+                    (downsample2x, F.avg_pool2d(cl, 2))):
+        out = fn(cl)
+        assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+    strided = torch.randn(2, 4, 8, 16, generator=g)[..., ::2]
+    assert torch.equal(upsample2x(strided), F.interpolate(strided, scale_factor=2, mode="nearest"))
+    assert torch.allclose(downsample2x(strided), F.avg_pool2d(strided, 2))
+
+
+def test_unet_gradients_match_a_unet_on_torch_resampling(monkeypatch):
+    """Swapping the fast resampling for PyTorch's kernels changes neither the output nor any parameter gradient of
+    a U-Net with residual up/down-sampling (beyond float32 rounding)."""
+    import cddpm_lib.unet as unet_module
+    torch.manual_seed(0)
+    net = UNet(cond_dim=6, **TINY)
+    _perturb(net)
+    x, t, c = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.randn(2, 6)
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        out = net(x, t, c)
+        (out ** 2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    fast_out, fast_grads = run()
+    calls = []
+    monkeypatch.setattr(unet_module, "upsample2x",
+                        lambda v: calls.append("up") or F.interpolate(v, scale_factor=2, mode="nearest"))
+    monkeypatch.setattr(unet_module, "downsample2x", lambda v: calls.append("down") or F.avg_pool2d(v, 2))
+    ref_out, ref_grads = run()
+    assert calls.count("up") == calls.count("down") == 4  # two resampling blocks each way, features and skip
+    assert torch.allclose(fast_out, ref_out, atol=1e-5)
+    for a, b in zip(fast_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
