@@ -37,3 +37,58 @@ def alternating_processes(worker: Callable, variants: Sequence[Hashable], rounds
             results[variant].append(out.get())
             proc.join()
     return results
+
+
+def interleaved_processes(worker: Callable, variants: Sequence[Hashable], rounds: int, steps: int,
+                          args_of: Callable[[Hashable], tuple]) -> dict[Hashable, list[dict[str, Any]]]:
+    """Paired timing: per round, one fresh (spawned) process per variant, all alive together, taking turns.
+
+    ``worker(*args_of(variant), conn)`` prepares its workload (untimed, the processes in parallel), sends
+    ``"ready"``, then answers each ``"step"`` with one measurement and ``"stop"`` with a final summary. The parent
+    asks the variants for one step each, ``steps`` times, the order reversed every turn and every round
+    (A B, B A, ...), so step ``i`` of every variant ran back to back, under the same load of the moment: the
+    slow drifts of a shared machine cancel in per-step ratios, which process-level alternation cannot do. Each
+    variant keeps a process of its own (no shared allocator or cache state).
+
+    Returns ``{variant: [{"steps": [measurement per step], "summary": ...} per round]}``; measurements pair up by
+    (round, step).
+    """
+    ctx = mp.get_context("spawn")
+    results: dict[Hashable, list[dict[str, Any]]] = {v: [] for v in variants}
+    for r in range(rounds):
+        procs = {}
+        for variant in variants:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(*args_of(variant), child))
+            proc.start()
+            child.close()
+            procs[variant] = (proc, parent)
+
+        def ask(variant, message):
+            proc, conn = procs[variant]
+            try:
+                if message is not None:
+                    conn.send(message)
+                return conn.recv()
+            except (EOFError, OSError) as err:
+                raise RuntimeError(f"benchmark worker for {variant!r} (round {r + 1}) stopped without answering "
+                                   f"{message or 'ready'!r} (exit code {proc.exitcode})") from err
+
+        try:
+            for variant in variants:
+                if ask(variant, None) != "ready":
+                    raise RuntimeError(f"benchmark worker for {variant!r} did not report ready")
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            measured: dict[Hashable, list[Any]] = {v: [] for v in variants}
+            for i in range(steps):
+                for variant in (order if i % 2 == 0 else order[::-1]):
+                    measured[variant].append(ask(variant, "step"))
+            for variant in variants:
+                results[variant].append({"steps": measured[variant], "summary": ask(variant, "stop")})
+        finally:
+            for proc, conn in procs.values():
+                conn.close()
+                proc.join(timeout=60)
+                if proc.is_alive():
+                    proc.kill()
+    return results

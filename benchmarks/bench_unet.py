@@ -3,7 +3,8 @@
 1. **Training step** (forward + L1 loss + backward + Adam) of the kit's :class:`cddpm_lib.unet.UNet` and of
    MONAI's ``DiffusionModelUNet`` built with the same widths, residual blocks per level, residual up/down-sampling,
    attention only in the middle block, same head width and GroupNorm groups, on the same batch, each network in a
-   fresh process of its own (alternating), so neither inherits the other's allocator or cache state.
+   fresh process of its own, so neither inherits the other's allocator or cache state; the two processes take turns
+   step by step, and the ratio is taken over these pairs of steps (:func:`benchmarks.interleaved_processes`).
    (MONAI adds the time embedding to the features; the kit uses scale-shift norm, as the authors' ADM U-Net.)
 2. **Inference**: seconds per 96 × 96 × 50 volume (50 slices through ``model.reconstruct``) for DDPM, cDDPM
    (t_test = 500 and the ensemble [250, 500, 750]) and pDDPM (2 × 2 patches) at the quick-profile width; the
@@ -29,10 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from benchmarks import alternating_processes, proc_status_bytes, write_section
+from benchmarks import interleaved_processes, proc_status_bytes, write_section
 from cddpm_lib import engine, runtime, stats
 from cddpm_lib.models import build_model
 from cddpm_lib.unet import UNet
@@ -147,9 +149,10 @@ def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.
 WARMUP = {False: 1, True: 3}
 
 
-def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Target, keep: bool, out) -> None:
-    """In a fresh process: ``steps`` timed training steps (forward + L1 + backward + Adam; float16 with loss
-    scaling) after the warm-up; puts ``(parameter count, wall seconds list, CPU seconds list, peak bytes)``
+def _step_worker(which: str, config: tuple, threads: int, target: Target, keep: bool, conn) -> None:
+    """In a fresh process (:func:`benchmarks.interleaved_processes`): build the network, run the warm-up, report
+    ``"ready"``; then one training step (forward + L1 + backward + Adam; float16 with loss scaling) per ``"step"``,
+    answered with ``(wall seconds, CPU seconds)``; ``"stop"`` is answered with ``(parameter count, peak bytes)``
     (peak over the warm-up and timed steps, see :meth:`Target.peak_memory`). ``keep``: freed memory stays in the
     process (:func:`cddpm_lib.runtime.keep_freed_memory`, as the kit's own training runs)."""
     torch.set_num_threads(threads)
@@ -180,22 +183,22 @@ def _step_worker(which: str, config: tuple, steps: int, threads: int, target: Ta
     for _ in range(WARMUP[target.gpu]):
         step()
     target.sync()
-    wall, cpu = [], []
-    for _ in range(steps):
+    conn.send("ready")
+    while conn.recv() == "step":
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         target.sync()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    out.put((n_params(net), wall, cpu, target.peak_memory(baseline)))
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
+    conn.send((n_params(net), target.peak_memory(baseline)))
 
 
 @dataclasses.dataclass
 class StepTimes:
-    """One network's timings over its processes."""
+    """One network's timings over its processes; ``wall``/``cpu`` list every timed step in (round, step) order, so
+    the i-th entries of the two networks ran back to back."""
 
     params: int = 0
-    wall: list[float] = dataclasses.field(default_factory=list)  # every timed step
+    wall: list[float] = dataclasses.field(default_factory=list)
     cpu: list[float] = dataclasses.field(default_factory=list)
     process_medians: list[float] = dataclasses.field(default_factory=list)  # one per process
     peaks: list[float] = dataclasses.field(default_factory=list)  # bytes, one per process
@@ -203,28 +206,33 @@ class StepTimes:
 
 def step_times(config: tuple, rounds: int, steps: int, threads: int, keep: bool = False,
                target: Target = Target(), kit: str = "kit") -> dict[str, StepTimes]:
-    """``{"kit"|"monai": StepTimes}`` (``kit``: which kit variant, see :func:`build_net`): each network in a process
-    of its own (no shared allocator or cache state), the two alternating (order swapped every round) for ``rounds``
-    rounds of ``steps`` steps."""
-    runs = alternating_processes(_step_worker, (kit, "monai"), rounds,
-                                 lambda which: (which, config, steps, threads, target, keep))
+    """``{"kit"|"monai": StepTimes}`` (``kit``: which kit variant, see :func:`build_net`): per round one process per
+    network, the two taking turns step by step (:func:`benchmarks.interleaved_processes`), ``steps`` paired steps
+    per round."""
+    runs = interleaved_processes(_step_worker, (kit, "monai"), rounds, steps,
+                                 lambda which: (which, config, threads, target, keep))
     res = {"kit": StepTimes(), "monai": StepTimes()}
     for which, outs in runs.items():
         s = res["monai" if which == "monai" else "kit"]
-        for n, wall, cpu, peak in outs:
-            s.params = n
+        for out in outs:
+            s.params, peak = out["summary"]
+            wall = [w for w, _ in out["steps"]]
             s.wall += wall
-            s.cpu += cpu
+            s.cpu += [c for _, c in out["steps"]]
             s.process_medians.append(statistics.median(wall))
             s.peaks.append(peak)
     return res
 
 
+def paired_ratio(kit: list[float], ref: list[float]) -> float:
+    """Median over paired steps of ``ref / kit`` (> 1: the kit is faster)."""
+    return statistics.median(r / k for k, r in zip(kit, ref, strict=True))
+
+
 def speed_test(kit: StepTimes, ref: StepTimes) -> float:
-    """Two-sided p-value of the permutation test (:func:`cddpm_lib.stats.permutation_test`, exact) that the
-    per-process median step times of the two networks have equal means."""
-    return stats.permutation_test(ref.process_medians, kit.process_medians, alternative="two-sided",
-                                  method="exact")
+    """Two-sided p-value of the paired sign-flip permutation test (:func:`cddpm_lib.stats.paired_permutation_test`,
+    10 000 rounds) that the log step times of the two networks, paired step by step, have equal means."""
+    return stats.paired_permutation_test(np.log(ref.wall), np.log(kit.wall), alternative="two-sided", rounds=10_000)
 
 
 def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, bool, str]]:
@@ -246,22 +254,22 @@ def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Tar
     rows = []
     for label, config, keep, variant in unet_configs(target, skip_paper):
         small = config[0] < 64
-        rounds, steps = (repeats, 5) if small or target.gpu else (max(2, repeats // 2), 2)
+        rounds, steps = (repeats, 10) if small or target.gpu else (2, 3)
         if target.gpu:
             steps = 20
         res = step_times(config, rounds, steps, threads, keep, target, variant)
         kit, ref = res["kit"], res["monai"]
         w_kit, w_ref = statistics.median(kit.wall), statistics.median(ref.wall)
-        c_kit, c_ref = statistics.median(kit.cpu), statistics.median(ref.cpu)
+        r_wall, r_cpu = paired_ratio(kit.wall, ref.wall), paired_ratio(kit.cpu, ref.cpu)
         p = speed_test(kit, ref)
         ch, mult, blocks, size, batch = config
-        print(f"{label}: kit {w_kit:.4f} s ({c_kit:.4f} CPU), MONAI {w_ref:.4f} s ({c_ref:.4f} CPU), p = {p:.3f}",
-              flush=True)
+        print(f"{label}: kit {w_kit:.4f} s, MONAI {w_ref:.4f} s, paired MONAI/kit {r_wall:.3f} (CPU {r_cpu:.3f}),"
+              f" p = {p:.4f}", flush=True)
         rows.append(f"| {label}: {ch}·{mult}, {blocks} res block(s), {size} px, batch {batch} | "
                     f"{kit.params / 1e6:.2f} M / {ref.params / 1e6:.2f} M | {w_kit:.4f} | {w_ref:.4f} | "
-                    f"{w_ref / w_kit:.2f} | {c_ref / c_kit:.2f} | {rounds} × {steps} | "
+                    f"{r_wall:.2f} | {r_cpu:.2f} | {rounds} × {steps} | "
                     f"{min(kit.process_medians):.4f}–{max(kit.process_medians):.4f} / "
-                    f"{min(ref.process_medians):.4f}–{max(ref.process_medians):.4f} | {p:.2f} | "
+                    f"{min(ref.process_medians):.4f}–{max(ref.process_medians):.4f} | {p:.4f} | "
                     f"{max(kit.peaks) / 2 ** 20:.0f} / {max(ref.peaks) / 2 ** 20:.0f} |")
     return rows
 
@@ -352,10 +360,12 @@ def main(argv=None) -> int:
         "",
         "Training step (forward + L1 + backward + Adam) of the kit's ADM U-Net and MONAI's `DiffusionModelUNet`"
         " at equal widths, residual blocks, residual up/down-sampling, middle-block attention. Each network runs in a"
-        " fresh process of its own, kit and MONAI alternating (order swapped every round); medians over all timed"
-        " steps. The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding. *p*: exact two-sided"
-        " permutation test of the per-process medians (equal speed; with 2 processes each it cannot fall below"
-        f" 0.33). Memory: {memory}.",
+        " fresh process of its own per round; the two processes take turns step by step (order swapped every turn),"
+        " so each kit step is paired with a MONAI step run just before or after it under the same machine load."
+        " kit s / MONAI s: medians over all timed steps; MONAI / kit: median over the pairs of the per-pair ratio."
+        " The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding. *p*: two-sided paired"
+        " sign-flip permutation test of the log step times (equal speed; 10 000 rounds, so not below 1e-4)."
+        f" Memory: {memory}.",
         *([] if target.gpu else [
             "Under glibc's default allocator part of a step at the quick width is page faults of freed and reallocated"
             " buffers, which differ between the two networks' allocation patterns; in the second quick row both"
@@ -365,8 +375,9 @@ def main(argv=None) -> int:
             " The same benchmark on a GPU (AMP bf16, channels-last, and the paper profile's models at batch 32):"
             " `make bench-gpu`, which writes a section of its own."]),
         "",
-        "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit (wall) | MONAI / kit (CPU) "
-        "| processes × steps each | per-process medians kit / MONAI | *p* | peak MiB kit / MONAI |",
+        "| configuration | parameters kit / MONAI | kit s | MONAI s | MONAI / kit (wall, paired) "
+        "| MONAI / kit (CPU, paired) | rounds × paired steps | per-process medians kit / MONAI | *p* "
+        "| peak MiB kit / MONAI |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *unet,
         "",

@@ -1,0 +1,42 @@
+"""The paired process timing behind the U-Net benchmark (``benchmarks.interleaved_processes``)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from benchmarks import interleaved_processes
+
+
+def _clock_worker(name: str, fail_at: int, conn) -> None:
+    conn.send("ready")
+    done = 0
+    while conn.recv() == "step":
+        if done == fail_at:
+            raise SystemExit(3)
+        done += 1
+        conn.send((name, os.getpid(), time.monotonic_ns()))
+    conn.send(("summary", name, done))
+
+
+def test_variants_take_turns_step_by_step_in_fresh_processes():
+    runs = interleaved_processes(_clock_worker, ("a", "b"), rounds=2, steps=3, args_of=lambda v: (v, -1))
+    assert set(runs) == {"a", "b"} and all(len(r) == 2 for r in runs.values())
+    pids = {pid for v in runs for r in runs[v] for _, pid, _ in r["steps"]}
+    assert len(pids) == 4  # one process per variant and round
+    for rnd in range(2):
+        a, b = runs["a"][rnd], runs["b"][rnd]
+        assert a["summary"] == ("summary", "a", 3) and b["summary"] == ("summary", "b", 3)
+        first = ["a" if sa[2] < sb[2] else "b" for sa, sb in zip(a["steps"], b["steps"])]
+        # A B, B A, A B in the first round; the mirror image in the second
+        assert first == (["a", "b", "a"] if rnd == 0 else ["b", "a", "b"])
+        # the two steps of a pair ran back to back: no other step of the round between them
+        stamps = sorted((s[2], v, i) for v in "ab" for i, s in enumerate(runs[v][rnd]["steps"]))
+        assert [i for _, _, i in stamps] == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_worker_that_dies_is_named():
+    with pytest.raises(RuntimeError, match=r"worker for 'b' \(round 1\).*'step'.*exit code"):
+        interleaved_processes(_clock_worker, ("a", "b"), rounds=1, steps=2,
+                              args_of=lambda v: (v, 1 if v == "b" else -1))
