@@ -4,7 +4,8 @@
    MONAI's ``DiffusionModelUNet`` built with the same widths, residual blocks per level, residual up/down-sampling,
    attention only in the middle block, same head width and GroupNorm groups, on the same batch, each network in a
    fresh process of its own, so neither inherits the other's allocator or cache state; the two processes take turns
-   step by step, and the ratio is taken over these pairs of steps (:func:`benchmarks.interleaved_processes`).
+   step by step, and the ratio is taken over these pairs of steps (:func:`benchmarks.interleaved_processes`;
+   both processes hold their memory at the same time, on a GPU too).
    (MONAI adds the time embedding to the features; the kit uses scale-shift norm, as the authors' ADM U-Net.)
 2. **Inference**: seconds per 96 × 96 × 50 volume (50 slices through ``model.reconstruct``) for DDPM, cDDPM
    (t_test = 500 and the ensemble [250, 500, 750]) and pDDPM (2 × 2 patches) at the quick-profile width; the
@@ -363,7 +364,9 @@ def main(argv=None) -> int:
         " fresh process of its own per round; the two processes take turns step by step (order swapped every turn),"
         " so each kit step is paired with a MONAI step run just before or after it under the same machine load."
         " kit s / MONAI s: medians over all timed steps; MONAI / kit: median over the pairs of the per-pair ratio."
-        " The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding. *p*: two-sided paired"
+        " The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding; the kit's ×2 resampling runs"
+        " on a CPU as broadcast copies and strided additions (`unet.upsample2x`, `unet.downsample2x`), MONAI's"
+        " through PyTorch's `interpolate` and `avg_pool2d` kernels. *p*: two-sided paired"
         " sign-flip permutation test of the log step times (equal speed; 10 000 rounds, so not below 1e-4)."
         f" Memory: {memory}.",
         *([] if target.gpu else [
