@@ -132,7 +132,7 @@ def upsample2x(x: Tensor) -> Tensor:
     CPU kernel converts small maps to channels-last and back, which made it 2–7× slower forward and 2–4× slower
     backward than these (``benchmarks/bench_unet.py``). Elsewhere (GPU, channels-last) PyTorch's kernel runs.
     """
-    if x.device.type == "cpu" and x.is_contiguous():
+    if x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous():
         return _Upsample2x.apply(x)
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
@@ -144,7 +144,8 @@ def downsample2x(x: Tensor) -> Tensor:
     On a CPU, for a contiguous tensor, it runs as two additions of strided views (4–8× faster forward, 2× backward
     than PyTorch's CPU kernel); elsewhere PyTorch's kernel runs.
     """
-    if x.device.type == "cpu" and x.is_contiguous() and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
+    if x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous() and x.shape[-2] % 2 == 0 \
+            and x.shape[-1] % 2 == 0:
         return _Downsample2x.apply(x)
     return F.avg_pool2d(x, 2)
 
