@@ -19,7 +19,7 @@ scaling) and ``--channels-last``; the default (CPU, float32) writes ``results/un
 of its own (``results/unet_cuda_bf16_cl.md`` ...). Peak memory per process: resident set size on the CPU (the
 interpreter and libraries included), ``torch.cuda.max_memory_allocated`` on a GPU.
 
-    .venv/bin/python -m benchmarks.bench_unet [--repeats 5] [--threads N] [--skip-paper]
+    .venv/bin/python -m benchmarks.bench_unet [--repeats 5] [--threads N] [--skip-paper] [--paper-pairs 2,3]
     .venv/bin/python -m benchmarks.bench_unet --device cuda --amp bf16 --channels-last      # = make bench-gpu
 """
 from __future__ import annotations
@@ -251,11 +251,14 @@ def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, boo
     return configs
 
 
-def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target()) -> list[str]:
+def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target(),
+              paper_pairs: tuple[int, int] = (2, 3)) -> list[str]:
+    """Table rows; ``paper_pairs``: (rounds, paired steps per round) of the paper-width row on a CPU (about 20 s
+    a step)."""
     rows = []
     for label, config, keep, variant in unet_configs(target, skip_paper):
         small = config[0] < 64
-        rounds, steps = (repeats, 10) if small or target.gpu else (2, 3)
+        rounds, steps = (repeats, 10) if small or target.gpu else paper_pairs
         if target.gpu:
             steps = 20
         res = step_times(config, rounds, steps, threads, keep, target, variant)
@@ -330,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-paper", action="store_true", help="skip the paper-width U-Net (slow on CPU)")
+    ap.add_argument("--paper-pairs", default="2,3", metavar="ROUNDS,STEPS",
+                    help="paper-width row on a CPU: rounds × paired steps per round (default 2,3)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--amp", default="none", help="mixed precision: none, bf16, fp16 (with loss scaling)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last memory format")
@@ -339,12 +344,19 @@ def main(argv=None) -> int:
     target = Target(args.device, args.amp, args.channels_last)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads(), target)
+    try:
+        paper_pairs = tuple(int(v) for v in args.paper_pairs.split(","))
+        if len(paper_pairs) != 2 or min(paper_pairs) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--paper-pairs must be two positive integers ROUNDS,STEPS, got {args.paper_pairs!r}")
+    unet = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads(), target, paper_pairs)
     infer, sec = inference_rows(max(1, args.repeats // 2), target)
     prof = profile_rows(args.repeats, target, paper=args.paper_profile or target.gpu)
     ratio_p = 100 * (1 - sec["cDDPM, ENS"] / sec["pDDPM, ENS"])
     ratio_d = 100 * (sec["cDDPM, ENS"] / sec["DDPM, ENS"] - 1)
     flags = (f"{f' --threads {args.threads}' if args.threads else ''}{' --skip-paper' if args.skip_paper else ''}"
+             f"{f' --paper-pairs {args.paper_pairs}' if args.paper_pairs != '2,3' else ''}"
              f"{f' --device {args.device}' if args.device != 'cpu' else ''}"
              f"{f' --amp {args.amp}' if args.amp != 'none' else ''}{' --channels-last' if args.channels_last else ''}"
              f"{' --paper-profile' if args.paper_profile else ''}")
