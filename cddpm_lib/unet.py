@@ -100,8 +100,9 @@ def _repeat2x(x: Tensor) -> Tensor:
     return wide.expand(b, c, h, 2, 2 * w).reshape(b, c, 2 * h, 2 * w)
 
 
-class _Upsample2x(torch.autograd.Function):
-    """``F.interpolate(x, scale_factor=2, mode="nearest")``; its gradient is the 2 × 2 block sum."""
+class _Repeat2x(torch.autograd.Function):
+    """:func:`_repeat2x`; its adjoint, the gradient, is the 2 × 2 block sum (and the other way round below), so
+    second derivatives work too."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -109,19 +110,19 @@ class _Upsample2x(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        return _Downsample2x.apply(grad) * 4
+        return _PairSum.apply(grad)
 
 
-class _Downsample2x(torch.autograd.Function):
-    """``F.avg_pool2d(x, 2)``; its gradient is the upsampled gradient over 4."""
+class _PairSum(torch.autograd.Function):
+    """:func:`_pair_sum`; its gradient is the nearest-neighbour ×2 upsampled gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        return _pair_sum(x).mul_(0.25)
+        return _pair_sum(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        return _Upsample2x.apply(grad * 0.25)
+        return _Repeat2x.apply(grad)
 
 
 def upsample2x(x: Tensor) -> Tensor:
@@ -133,7 +134,7 @@ def upsample2x(x: Tensor) -> Tensor:
     backward than these (``benchmarks/bench_unet.py``). Elsewhere (GPU, channels-last) PyTorch's kernel runs.
     """
     if x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous():
-        return _Upsample2x.apply(x)
+        return _Repeat2x.apply(x)
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
@@ -146,7 +147,7 @@ def downsample2x(x: Tensor) -> Tensor:
     """
     if x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous() and x.shape[-2] % 2 == 0 \
             and x.shape[-1] % 2 == 0:
-        return _Downsample2x.apply(x)
+        return _PairSum.apply(x).mul_(0.25)
     return F.avg_pool2d(x, 2)
 
 
