@@ -67,12 +67,15 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: setup
-	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
 	$(PY) -m benchmarks.run_all
 
 # Needs a CUDA build of torch (TORCH_SPEC) and a GPU; adds its own section to BENCHMARKS.md.
 bench-gpu: setup
-	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'make bench-gpu: the venv holds torch ' \
+		+ torch.__version__ + ', a build without CUDA; set it up with a CUDA build: make bench-gpu TORCH_SPEC=\"torch==' \
+		+ torch.__version__.split('+')[0] + ' --index-url <a CUDA wheel index>\"')"
+	$(PIP) install -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
 	$(PY) -m benchmarks.bench_unet --device cuda --amp bf16 --channels-last
 	$(PY) -m benchmarks.run_all --assemble
 

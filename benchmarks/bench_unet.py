@@ -2,7 +2,9 @@
 
 1. **Training step** (forward + L1 loss + backward + Adam) of the kit's :class:`cddpm_lib.unet.UNet` and of
    MONAI's ``DiffusionModelUNet`` built with the same widths, residual blocks per level, residual up/down-sampling,
-   attention only in the middle block, same head width and GroupNorm groups, on the same batch, each network in a
+   attention only in the middle block, the same head width, both through PyTorch's ``scaled_dot_product_attention``
+   (MONAI's ``use_flash_attention=True``), GroupNorm with 32 groups at the paper width (MONAI: one group count for
+   all levels, 16 at the quick width; the kit: up to 32 per level), on the same batch, each network in a
    fresh process of its own, so neither inherits the other's allocator or cache state; the two processes take turns
    step by step, and the ratio is taken over these pairs of steps (:func:`benchmarks.interleaved_processes`;
    both processes hold their memory at the same time, on a GPU too).
@@ -34,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
-from benchmarks import interleaved_processes, proc_status_bytes, write_section
+from benchmarks import alternating_processes, interleaved_processes, proc_status_bytes, write_section
 from cddpm_lib import engine, runtime, stats
 from cddpm_lib.models import build_model
 from cddpm_lib.unet import UNet
@@ -56,6 +59,9 @@ class Target:
         if self.amp not in ("none", "bf16", "fp16"):
             raise SystemExit(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                raise SystemExit(f"--device {self.device}: torch {torch.__version__} is a build without CUDA; install"
+                                 " a CUDA build (make bench-gpu TORCH_SPEC=...)")
             raise SystemExit(f"--device {self.device}: this machine has no CUDA device")
 
     @property
@@ -72,15 +78,18 @@ class Target:
 
     @property
     def slug(self) -> str:
-        """Result file stem: ``unet`` for CPU float32, else ``unet_<device>[_<amp>][_cl]``."""
+        """Result file stem: ``unet`` for CPU float32, else ``unet_<device>[_<amp>][_cl]`` (``cuda1`` for
+        ``cuda:1``)."""
         if self == Target():
             return "unet"
-        parts = [self.dev.type] + ([self.amp] if self.amp != "none" else []) + (["cl"] if self.channels_last else [])
+        parts = [str(self.dev).replace(":", "")] + ([self.amp] if self.amp != "none" else []) \
+            + (["cl"] if self.channels_last else [])
         return "unet_" + "_".join(parts)
 
     @property
     def label(self) -> str:
-        name = torch.cuda.get_device_name(self.dev) if self.gpu else "CPU"
+        name = (torch.cuda.get_device_name(self.dev) if self.gpu
+                else f"CPU, {torch.backends.cpu.get_cpu_capability()} kernels")
         return ", ".join([name, "float32" if self.amp == "none" else f"AMP {self.amp}"]
                          + (["channels-last"] if self.channels_last else []))
 
@@ -133,7 +142,7 @@ def monai_unet(channels: int, mult: tuple[int, ...], blocks: int, heads: int) ->
     return DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, num_res_blocks=blocks,
                               channels=widths, attention_levels=(False,) * len(widths),
                               norm_num_groups=min(32, channels), resblock_updown=True,
-                              num_head_channels=widths[-1] // heads)
+                              num_head_channels=widths[-1] // heads, use_flash_attention=True)
 
 
 def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.nn.Module:
@@ -191,6 +200,73 @@ def _step_worker(which: str, config: tuple, threads: int, target: Target, keep: 
         target.sync()
         conn.send((time.perf_counter() - t0, time.process_time() - c0))
     conn.send((n_params(net), target.peak_memory(baseline)))
+
+
+def conv_flops(module: torch.nn.Module, inputs: tuple, output: Tensor) -> float:
+    """Floating-point operations of one training step's pass through a ``Conv2d`` (multiply and add counted as
+    two): the forward, the weight gradient, and the input gradient where the input needs one (not for the image)."""
+    weight = module.weight
+    forward = 2.0 * output.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+    return forward * (3 if inputs[0].requires_grad else 2)
+
+
+def _is_convolution(op: str) -> bool:
+    """A profiler key of a convolution: ``aten::mkldnn_convolution`` (oneDNN), ``aten::_slow_conv2d_*`` (the im2col
+    path PyTorch takes for the 1 × 1 convolutions), ``aten::convolution_backward``, their dispatch wrappers and
+    autograd nodes."""
+    return "conv" in op.lower()
+
+
+def _split_worker(which: str, config: tuple, threads: int, target: Target, keep: bool, steps: int, queue) -> None:
+    """In a fresh process: one warm-up step, then ``steps`` training steps under ``torch.profiler`` (CPU); puts
+    ``(convolution self seconds, other self seconds, convolution FLOPs)`` per step (means over the steps). Self
+    times of the operators add up to the step without double counting; convolution operators are those that run
+    one (see :func:`_is_convolution`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    if keep:
+        runtime.keep_freed_memory()
+    ch, mult, blocks, size, batch = config
+    net = build_net(which, ch, mult, blocks).to(target.dev, memory_format=target.fmt)
+    x = torch.rand(batch, 1, size, size, device=target.dev).contiguous(memory_format=target.fmt)
+    t = torch.randint(1, 1001, (batch,), device=target.dev)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    flops = [0.0]
+
+    def count(module, inputs, output):
+        flops[0] += conv_flops(module, inputs, output)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with runtime.autocast(target.amp, target.dev):
+            loss = (net(x, t).float() - x).abs().mean()
+        loss.backward()
+        opt.step()
+
+    step()
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    for hook in hooks:
+        hook.remove()
+    conv = other = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if _is_convolution(event.key):
+            conv += seconds
+        else:
+            other += seconds
+    queue.put((conv / steps, other / steps, flops[0] / steps))
+
+
+def op_split(config: tuple, threads: int, target: Target, keep: bool, kit: str, steps: int = 1) -> dict[str, tuple]:
+    """``{"kit"|"monai": (convolution s, other s, convolution FLOPs)}`` per step, over ``steps`` profiled steps of
+    each network in a fresh process of its own (:func:`_split_worker`)."""
+    res = alternating_processes(_split_worker, (kit, "monai"), 1, lambda which: (which, config, threads, target,
+                                                                                   keep, steps))
+    return {"monai" if which == "monai" else "kit": outs[0] for which, outs in res.items()}
 
 
 @dataclasses.dataclass
@@ -251,11 +327,20 @@ def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, boo
     return configs
 
 
+def split_row(label: str, split: dict[str, tuple]) -> str:
+    """Row of the where-the-time-goes table from :func:`op_split`."""
+    (k_conv, k_other, flops), (m_conv, m_other, m_flops) = split["kit"], split["monai"]
+    return (f"| {label} | {flops / 1e9:.1f} / {m_flops / 1e9:.1f} | {k_conv:.3f} / {k_other:.3f} | "
+            f"{m_conv:.3f} / {m_other:.3f} | {100 * k_conv / (k_conv + k_other):.0f} % / "
+            f"{100 * m_conv / (m_conv + m_other):.0f} % | {flops / 1e9 / k_conv:.0f} / {m_flops / 1e9 / m_conv:.0f} | "
+            f"{m_conv / k_conv:.2f} | {m_other / k_other:.2f} | {(m_conv + m_other) / k_conv:.2f} |")
+
+
 def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target(),
-              paper_pairs: tuple[int, int] = (2, 3)) -> list[str]:
-    """Table rows; ``paper_pairs``: (rounds, paired steps per round) of the paper-width row on a CPU (about 20 s
-    a step)."""
-    rows = []
+              paper_pairs: tuple[int, int] = (2, 3)) -> tuple[list[str], list[str]]:
+    """Rows of the paired-step table and (on a CPU) of the where-the-time-goes table (:func:`op_split`);
+    ``paper_pairs``: (rounds, paired steps per round) of the paper-width row on a CPU (20–40 s a step)."""
+    rows, splits = [], []
     for label, config, keep, variant in unet_configs(target, skip_paper):
         small = config[0] < 64
         rounds, steps = (repeats, 10) if small or target.gpu else paper_pairs
@@ -271,11 +356,16 @@ def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Tar
               f" p = {p:.4f}", flush=True)
         rows.append(f"| {label}: {ch}·{mult}, {blocks} res block(s), {size} px, batch {batch} | "
                     f"{kit.params / 1e6:.2f} M / {ref.params / 1e6:.2f} M | {w_kit:.4f} | {w_ref:.4f} | "
-                    f"{r_wall:.2f} | {r_cpu:.2f} | {rounds} × {steps} | "
+                    f"{r_wall:.2f} | {'–' if target.gpu else f'{r_cpu:.2f}'} | {rounds} × {steps} | "
                     f"{min(kit.process_medians):.4f}–{max(kit.process_medians):.4f} / "
                     f"{min(ref.process_medians):.4f}–{max(ref.process_medians):.4f} | {p:.4f} | "
                     f"{max(kit.peaks) / 2 ** 20:.0f} / {max(ref.peaks) / 2 ** 20:.0f} |")
-    return rows
+        if not target.gpu:  # on a GPU the profiler's CPU self times are kernel launches, not the work
+            split = op_split(config, threads, target, keep, variant, steps=5 if small else 1)
+            print(f"{label}: convolutions kit {split['kit'][0]:.3f} s, MONAI {split['monai'][0]:.3f} s; other kit "
+                  f"{split['kit'][1]:.3f} s, MONAI {split['monai'][1]:.3f} s", flush=True)
+            splits.append(split_row(label, split))
+    return rows, splits
 
 
 def inference_rows(repeats: int, target: Target = Target()) -> tuple[list[str], dict[str, float]]:
@@ -350,8 +440,9 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         raise SystemExit(f"--paper-pairs must be two positive integers ROUNDS,STEPS, got {args.paper_pairs!r}")
-    unet = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads(), target, paper_pairs)
-    infer, sec = inference_rows(max(1, args.repeats // 2), target)
+    unet, splits = unet_rows(args.repeats, args.skip_paper, args.threads or torch.get_num_threads(), target,
+                             paper_pairs)
+    infer, sec = inference_rows(args.repeats if target.gpu else max(1, args.repeats // 2), target)
     prof = profile_rows(args.repeats, target, paper=args.paper_profile or target.gpu)
     ratio_p = 100 * (1 - sec["cDDPM, ENS"] / sec["pDDPM, ENS"])
     ratio_d = 100 * (sec["cDDPM, ENS"] / sec["DDPM, ENS"] - 1)
@@ -378,9 +469,13 @@ def main(argv=None) -> int:
         " kit s / MONAI s: medians over all timed steps; MONAI / kit: median over the pairs of the per-pair ratio."
         " The kit's blocks also apply the scale-shift FiLM, MONAI's add the embedding; the kit's ×2 resampling runs"
         " on a CPU as broadcast copies and strided additions (`unet.upsample2x`, `unet.downsample2x`), MONAI's"
-        " through PyTorch's `interpolate` and `avg_pool2d` kernels. *p*: two-sided paired"
+        " through PyTorch's `interpolate` and `avg_pool2d` kernels; both networks' attention runs through PyTorch's"
+        " `scaled_dot_product_attention` (MONAI's `use_flash_attention=True`). *p*: two-sided paired"
         " sign-flip permutation test of the log step times (equal speed; 10 000 rounds, so not below 1e-4)."
-        f" Memory: {memory}.",
+        f" Memory: {memory}."
+        + (" The CPU-time ratio is left out on a GPU, where a process's CPU time is mostly waiting for the device;"
+           " the two processes share the GPU, which therefore must not be in exclusive-process compute mode."
+           if target.gpu else ""),
         *([] if target.gpu else [
             "Under glibc's default allocator part of a step at the quick width is page faults of freed and reallocated"
             " buffers, which differ between the two networks' allocation patterns; in the second quick row both"
@@ -396,6 +491,24 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
         *unet,
         "",
+        *([] if not splits else [
+            "Where a step's time goes: more steps of each network in a fresh process of its own (after one"
+            " warm-up step), under `torch.profiler`, its operators' self CPU times summed into the convolutions"
+            " (oneDNN, the im2col fallback of the 1 × 1 convolutions, and their backward) and everything else"
+            " (normalisation, activations, attention, resampling, the loss, Adam, copies). Convolution GFLOP: the"
+            " forward, the weight gradient and (but for the image's) the input gradient of every `Conv2d`, from its"
+            " shapes. Ceiling: MONAI's whole step over the kit's convolutions alone, the ratio the kit would reach"
+            " if everything but its convolutions took no time. Means over 5 profiled steps at the quick width and"
+            " 1 at the paper width, so these times carry the machine's noise of the moment, and the profiler's own"
+            " cost per operator, which weighs most on small maps.",
+            "",
+            "| configuration | convolution GFLOP per step kit / MONAI | kit s: convolutions / other | MONAI s:"
+            " convolutions / other | convolution share kit / MONAI | convolution GFLOP/s kit / MONAI | MONAI / kit,"
+            " convolutions | MONAI / kit, other | ceiling |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *splits,
+            "",
+        ]),
         "Inference: seconds per 96 × 96 × 50 volume (50 slices, `max_batch=64`) at the quick-profile widths:",
         "",
         "| model | s per volume |",

@@ -70,7 +70,8 @@ def norm_film(norm: nn.GroupNorm, f: Tensor, gamma: Tensor, beta: Tensor) -> Ten
     GroupNorm's affine and FiLM compose to one per-(sample, channel) affine,
     ``(f̂ · w + b) · (γ + 1) + β = f̂ · w(γ + 1) + (b(γ + 1) + β)``; folding the batch into the channels
     (``[B, C, H, W] -> [1, B·C, H, W]`` with ``B·G`` groups, each group still one sample's channels) lets
-    GroupNorm apply it.
+    GroupNorm apply it. The fold is a view only of a contiguous (NCHW) ``f``; :class:`ResBlock` applies
+    :func:`film` after the norm to channels-last maps instead.
     """
     b, c = f.shape[:2]
     scale = gamma + 1
@@ -201,7 +202,10 @@ class ResBlock(nn.Module):
                 raise ValueError("ResBlock: this block is conditioned but no embedding was given")
             e = self.emb_proj(emb)
             if self.use_scale_shift_norm:  # FiLM, f' = GroupNorm(f) · (γ + 1) + β, fused into the norm
-                h = norm_film(self.out_norm, h, *e.chunk(2, dim=1))
+                # (channels-last maps cannot fold the batch into the channels without a copy: norm, then FiLM)
+                gamma, beta = e.chunk(2, dim=1)
+                h = norm_film(self.out_norm, h, gamma, beta) if h.is_contiguous() else \
+                    film(self.out_norm(h), gamma, beta)
             else:
                 h = self.out_norm(h) + e[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(h)))

@@ -40,3 +40,30 @@ def test_a_worker_that_dies_is_named():
     with pytest.raises(RuntimeError, match=r"worker for 'b' \(round 1\).*'step'.*exit code"):
         interleaved_processes(_clock_worker, ("a", "b"), rounds=1, steps=2,
                               args_of=lambda v: (v, 1 if v == "b" else -1))
+
+
+def test_conv_flops_count_forward_and_the_gradients_a_step_computes():
+    import torch
+
+    from benchmarks.bench_unet import conv_flops
+
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    forward = 2 * (2 * 5 * 8 * 8) * 3 * 3 * 3  # two operations per multiply-add, per output element and tap
+    image = torch.rand(2, 3, 8, 8)
+    assert conv_flops(conv, (image,), conv(image)) == 2 * forward  # the image needs no gradient
+    feature = image.clone().requires_grad_()
+    assert conv_flops(conv, (feature,), conv(feature)) == 3 * forward
+    strided = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    assert conv_flops(strided, (feature,), strided(feature)) == 3 * forward / 4  # a quarter of the outputs
+
+
+def test_profiler_keys_of_convolutions_are_told_from_the_rest():
+    from benchmarks.bench_unet import _is_convolution
+
+    for key in ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+                "aten::_slow_conv2d_backward", "aten::conv2d", "autograd::engine::evaluate_function: "
+                "ConvolutionBackward0"):
+        assert _is_convolution(key), key
+    for key in ("aten::native_group_norm", "aten::silu_backward", "aten::mm", "aten::cat", "aten::copy_",
+                "Optimizer.step#Adam.step", "aten::_scaled_dot_product_flash_attention_for_cpu"):
+        assert not _is_convolution(key), key

@@ -202,3 +202,26 @@ def test_unet_gradients_match_a_unet_on_torch_resampling(monkeypatch):
     assert torch.allclose(fast_out, ref_out, atol=1e-5)
     for a, b in zip(fast_grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_unet_gives_the_nchw_result_without_folding_copies(monkeypatch):
+    """A channels-last network and batch (the GPU benchmark's layout) compute what the NCHW one does; their FiLM
+    runs after the norm, since folding the batch into the channels of a channels-last map would copy it."""
+    import cddpm_lib.unet as unet_module
+    torch.manual_seed(0)
+    net = UNet(cond_dim=6, **TINY)
+    _perturb(net)
+    x, t, c = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.randn(2, 6)
+    with torch.no_grad():
+        ref = net(x, t, c)
+    folded = []
+    real = unet_module.norm_film
+    monkeypatch.setattr(unet_module, "norm_film", lambda *a: folded.append(1) or real(*a))
+    net = net.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = net(x.contiguous(memory_format=torch.channels_last), t, c)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not folded
+    with torch.no_grad():
+        net.to(memory_format=torch.contiguous_format)(x, t, c)  # NCHW again: every block folds
+    assert len(folded) == sum(isinstance(m, unet_module.ResBlock) for m in net.modules())
