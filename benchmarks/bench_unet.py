@@ -159,12 +159,10 @@ def build_net(which: str, ch: int, mult: tuple[int, ...], blocks: int) -> torch.
 WARMUP = {False: 1, True: 3}
 
 
-def _step_worker(which: str, config: tuple, threads: int, target: Target, keep: bool, conn) -> None:
-    """In a fresh process (:func:`benchmarks.interleaved_processes`): build the network, run the warm-up, report
-    ``"ready"``; then one training step (forward + L1 + backward + Adam; float16 with loss scaling) per ``"step"``,
-    answered with ``(wall seconds, CPU seconds)``; ``"stop"`` is answered with ``(parameter count, peak bytes)``
-    (peak over the warm-up and timed steps, see :meth:`Target.peak_memory`). ``keep``: freed memory stays in the
-    process (:func:`cddpm_lib.runtime.keep_freed_memory`, as the kit's own training runs)."""
+def training_workload(which: str, config: tuple, threads: int, target: Target, keep: bool):
+    """In a worker process: ``(network, step)``, ``step()`` one training step of the network (forward + L1 +
+    backward + Adam; float16 with loss scaling) on a fixed batch. ``keep``: freed memory stays in the process
+    (:func:`cddpm_lib.runtime.keep_freed_memory`, as the kit's own training runs)."""
     torch.set_num_threads(threads)
     if keep:
         runtime.keep_freed_memory()
@@ -188,6 +186,15 @@ def _step_worker(which: str, config: tuple, threads: int, target: Target, keep: 
             scaler.step(opt)
             scaler.update()
 
+    return net, step
+
+
+def _step_worker(which: str, config: tuple, threads: int, target: Target, keep: bool, conn) -> None:
+    """In a fresh process (:func:`benchmarks.interleaved_processes`): build the network
+    (:func:`training_workload`), run the warm-up, report ``"ready"``; then one training step per ``"step"``,
+    answered with ``(wall seconds, CPU seconds)``; ``"stop"`` is answered with ``(parameter count, peak bytes)``
+    (peak over the warm-up and timed steps, see :meth:`Target.peak_memory`)."""
+    net, step = training_workload(which, config, threads, target, keep)
     target.sync()
     baseline = target.reset_peak()
     for _ in range(WARMUP[target.gpu]):
@@ -224,25 +231,11 @@ def _split_worker(which: str, config: tuple, threads: int, target: Target, keep:
     one (see :func:`_is_convolution`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(threads)
-    if keep:
-        runtime.keep_freed_memory()
-    ch, mult, blocks, size, batch = config
-    net = build_net(which, ch, mult, blocks).to(target.dev, memory_format=target.fmt)
-    x = torch.rand(batch, 1, size, size, device=target.dev).contiguous(memory_format=target.fmt)
-    t = torch.randint(1, 1001, (batch,), device=target.dev)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    net, step = training_workload(which, config, threads, target, keep)
     flops = [0.0]
 
     def count(module, inputs, output):
         flops[0] += conv_flops(module, inputs, output)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with runtime.autocast(target.amp, target.dev):
-            loss = (net(x, t).float() - x).abs().mean()
-        loss.backward()
-        opt.step()
 
     step()
     hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -497,7 +490,9 @@ def main(argv=None) -> int:
             " (oneDNN, the im2col fallback of the 1 × 1 convolutions, and their backward) and everything else"
             " (normalisation, activations, attention, resampling, the loss, Adam, copies). Convolution GFLOP: the"
             " forward, the weight gradient and (but for the image's) the input gradient of every `Conv2d`, from its"
-            " shapes. Ceiling: MONAI's whole step over the kit's convolutions alone, the ratio the kit would reach"
+            " shapes; the two networks run the same convolutions (shapes, operations, oneDNN kernels), so the ratio"
+            " of their convolution times shows how far apart two measurements of the same work fall on this"
+            " machine. Ceiling: MONAI's whole step over the kit's convolutions alone, the ratio the kit would reach"
             " if everything but its convolutions took no time. Means over 5 profiled steps at the quick width and"
             " 1 at the paper width, so these times carry the machine's noise of the moment, and the profiler's own"
             " cost per operator, which weighs most on small maps.",

@@ -32,6 +32,8 @@ def assemble() -> Path:
         "Speed and memory of the kit, measured against a reference implementation **in the same run** on the same",
         "machine (ratios, not absolute times, are what carries over). Regenerate with `make bench`",
         "(or one benchmark: `.venv/bin/python -m benchmarks.bench_<topic>`). Timings are never asserted in tests.",
+        "Each section is measured on its own (its command heads it) and may come from another host of the same",
+        "kind: compare ratios within a section, not absolute times across sections.",
         "",
         f"Assembled {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores.",
         "",
