@@ -38,7 +38,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from benchmarks import alternating_processes, interleaved_processes, proc_status_bytes, write_section
+from benchmarks import interleaved_processes, proc_status_bytes, write_section
 from cddpm_lib import engine, runtime, stats
 from cddpm_lib.models import build_model
 from cddpm_lib.unet import UNet
@@ -78,12 +78,12 @@ class Target:
 
     @property
     def slug(self) -> str:
-        """Result file stem: ``unet`` for CPU float32, else ``unet_<device>[_<amp>][_cl]`` (``cuda1`` for
-        ``cuda:1``)."""
+        """Result file stem: ``unet`` for CPU float32, else ``unet_<device>[_<amp>][_cl]`` (``cuda`` for ``cuda`` and
+        ``cuda:0``, ``cuda1`` for ``cuda:1``)."""
         if self == Target():
             return "unet"
-        parts = [str(self.dev).replace(":", "")] + ([self.amp] if self.amp != "none" else []) \
-            + (["cl"] if self.channels_last else [])
+        device = self.dev.type + (str(self.dev.index) if self.dev.index else "")  # cuda:0 is cuda
+        parts = [device] + ([self.amp] if self.amp != "none" else []) + (["cl"] if self.channels_last else [])
         return "unet_" + "_".join(parts)
 
     @property
@@ -224,11 +224,13 @@ def _is_convolution(op: str) -> bool:
     return "conv" in op.lower()
 
 
-def _split_worker(which: str, config: tuple, threads: int, target: Target, keep: bool, steps: int, queue) -> None:
-    """In a fresh process: one warm-up step, then ``steps`` training steps under ``torch.profiler`` (CPU); puts
-    ``(convolution self seconds, other self seconds, convolution FLOPs)`` per step (means over the steps). Self
-    times of the operators add up to the step without double counting; convolution operators are those that run
-    one (see :func:`_is_convolution`)."""
+def _split_worker(which: str, config: tuple, threads: int, target: Target, keep: bool, conn) -> None:
+    """In a fresh process (:func:`benchmarks.interleaved_processes`): build the network
+    (:func:`training_workload`), run one warm-up step, report ``"ready"``; then one training step under
+    ``torch.profiler`` (CPU) per ``"step"``, answered with ``(convolution self seconds, other self seconds,
+    convolution FLOPs)`` of that step. The operators' self times add up to the time spent in operators without
+    double counting (the Python between them is not included); convolution operators are those that run one (see
+    :func:`_is_convolution`)."""
     from torch.profiler import ProfilerActivity, profile
 
     net, step = training_workload(which, config, threads, target, keep)
@@ -238,28 +240,48 @@ def _split_worker(which: str, config: tuple, threads: int, target: Target, keep:
         flops[0] += conv_flops(module, inputs, output)
 
     step()
-    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(count)
+    conn.send("ready")
+    while conn.recv() == "step":
+        flops[0] = 0.0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-    for hook in hooks:
-        hook.remove()
-    conv = other = 0.0
-    for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        if _is_convolution(event.key):
-            conv += seconds
-        else:
-            other += seconds
-    queue.put((conv / steps, other / steps, flops[0] / steps))
+        conv = other = 0.0
+        for event in prof.key_averages():
+            seconds = event.self_cpu_time_total / 1e6
+            if _is_convolution(event.key):
+                conv += seconds
+            else:
+                other += seconds
+        conn.send((conv, other, flops[0]))
+    conn.send(None)
 
 
-def op_split(config: tuple, threads: int, target: Target, keep: bool, kit: str, steps: int = 1) -> dict[str, tuple]:
-    """``{"kit"|"monai": (convolution s, other s, convolution FLOPs)}`` per step, over ``steps`` profiled steps of
-    each network in a fresh process of its own (:func:`_split_worker`)."""
-    res = alternating_processes(_split_worker, (kit, "monai"), 1, lambda which: (which, config, threads, target,
-                                                                                   keep, steps))
-    return {"monai" if which == "monai" else "kit": outs[0] for which, outs in res.items()}
+def op_split(config: tuple, threads: int, target: Target, keep: bool, kit: str, rounds: int = 1,
+             steps: int = 2) -> dict[str, tuple]:
+    """``{"kit"|"monai": (convolution s, other s, convolution FLOPs)}``, means per step over ``rounds`` × ``steps``
+    profiled steps of each network, the two networks' processes taking turns step by step as in the timing
+    (:func:`_split_worker`, :func:`benchmarks.interleaved_processes`)."""
+    res = interleaved_processes(_split_worker, (kit, "monai"), rounds, steps,
+                                lambda which: (which, config, threads, target, keep))
+    out = {}
+    for which, runs in res.items():
+        measured = [m for run in runs for m in run["steps"]]
+        out["monai" if which == "monai" else "kit"] = tuple(float(np.mean(col)) for col in zip(*measured))
+    return out
+
+
+def split_row(label: str, split: dict[str, tuple]) -> str:
+    """Row of the where-the-time-goes table from :func:`op_split`. The two networks run the same convolutions, so
+    the ceiling takes their mean time for both: ``(mean convolution + MONAI's other) / mean convolution``."""
+    (k_conv, k_other, flops), (m_conv, m_other, m_flops) = split["kit"], split["monai"]
+    conv = (k_conv + m_conv) / 2
+    return (f"| {label} | {flops / 1e9:.1f} / {m_flops / 1e9:.1f} | {k_conv:.3f} / {k_other:.3f} | "
+            f"{m_conv:.3f} / {m_other:.3f} | {100 * k_conv / (k_conv + k_other):.0f} % / "
+            f"{100 * m_conv / (m_conv + m_other):.0f} % | {flops / 1e9 / k_conv:.0f} / {m_flops / 1e9 / m_conv:.0f} | "
+            f"{m_conv / k_conv:.2f} | {m_other / k_other:.2f} | {(conv + m_other) / conv:.2f} |")
 
 
 @dataclasses.dataclass
@@ -320,15 +342,6 @@ def unet_configs(target: Target, skip_paper: bool) -> list[tuple[str, tuple, boo
     return configs
 
 
-def split_row(label: str, split: dict[str, tuple]) -> str:
-    """Row of the where-the-time-goes table from :func:`op_split`."""
-    (k_conv, k_other, flops), (m_conv, m_other, m_flops) = split["kit"], split["monai"]
-    return (f"| {label} | {flops / 1e9:.1f} / {m_flops / 1e9:.1f} | {k_conv:.3f} / {k_other:.3f} | "
-            f"{m_conv:.3f} / {m_other:.3f} | {100 * k_conv / (k_conv + k_other):.0f} % / "
-            f"{100 * m_conv / (m_conv + m_other):.0f} % | {flops / 1e9 / k_conv:.0f} / {m_flops / 1e9 / m_conv:.0f} | "
-            f"{m_conv / k_conv:.2f} | {m_other / k_other:.2f} | {(m_conv + m_other) / k_conv:.2f} |")
-
-
 def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Target(),
               paper_pairs: tuple[int, int] = (2, 3)) -> tuple[list[str], list[str]]:
     """Rows of the paired-step table and (on a CPU) of the where-the-time-goes table (:func:`op_split`);
@@ -354,7 +367,7 @@ def unet_rows(repeats: int, skip_paper: bool, threads: int, target: Target = Tar
                     f"{min(ref.process_medians):.4f}–{max(ref.process_medians):.4f} | {p:.4f} | "
                     f"{max(kit.peaks) / 2 ** 20:.0f} / {max(ref.peaks) / 2 ** 20:.0f} |")
         if not target.gpu:  # on a GPU the profiler's CPU self times are kernel launches, not the work
-            split = op_split(config, threads, target, keep, variant, steps=5 if small else 1)
+            split = op_split(config, threads, target, keep, variant, *((2, 3) if small else (1, 2)))
             print(f"{label}: convolutions kit {split['kit'][0]:.3f} s, MONAI {split['monai'][0]:.3f} s; other kit "
                   f"{split['kit'][1]:.3f} s, MONAI {split['monai'][1]:.3f} s", flush=True)
             splits.append(split_row(label, split))
@@ -485,17 +498,19 @@ def main(argv=None) -> int:
         *unet,
         "",
         *([] if not splits else [
-            "Where a step's time goes: more steps of each network in a fresh process of its own (after one"
-            " warm-up step), under `torch.profiler`, its operators' self CPU times summed into the convolutions"
+            "Where a step's time goes: further steps of the two networks, paired as above (2 rounds × 3 steps at"
+            " the quick width, 1 × 2 at the paper width, after one warm-up step each), each under `torch.profiler`,"
+            " its operators' self CPU times summed into the convolutions"
             " (oneDNN, the im2col fallback of the 1 × 1 convolutions, and their backward) and everything else"
             " (normalisation, activations, attention, resampling, the loss, Adam, copies). Convolution GFLOP: the"
             " forward, the weight gradient and (but for the image's) the input gradient of every `Conv2d`, from its"
             " shapes; the two networks run the same convolutions (shapes, operations, oneDNN kernels), so the ratio"
             " of their convolution times shows how far apart two measurements of the same work fall on this"
-            " machine. Ceiling: MONAI's whole step over the kit's convolutions alone, the ratio the kit would reach"
-            " if everything but its convolutions took no time. Means over 5 profiled steps at the quick width and"
-            " 1 at the paper width, so these times carry the machine's noise of the moment, and the profiler's own"
-            " cost per operator, which weighs most on small maps.",
+            " machine. Ceiling: MONAI's step over its convolutions alone, both networks' convolutions taken at their"
+            " mean time (the same work), the ratio the kit would reach if everything but its convolutions took no"
+            " time. Means per step; the times are the operators' (the Python between them is not included), carry"
+            " the profiler's own cost per operator, which weighs most on small maps, and the machine's noise of"
+            " the moment.",
             "",
             "| configuration | convolution GFLOP per step kit / MONAI | kit s: convolutions / other | MONAI s:"
             " convolutions / other | convolution share kit / MONAI | convolution GFLOP/s kit / MONAI | MONAI / kit,"

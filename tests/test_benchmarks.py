@@ -55,6 +55,21 @@ def test_conv_flops_count_forward_and_the_gradients_a_step_computes():
     assert conv_flops(conv, (feature,), conv(feature)) == 3 * forward
     strided = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
     assert conv_flops(strided, (feature,), strided(feature)) == 3 * forward / 4  # a quarter of the outputs
+    grouped = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)  # each output sees 2 of the 4 input channels
+    wide = torch.rand(2, 4, 8, 8, requires_grad=True)
+    assert conv_flops(grouped, (wide,), grouped(wide)) == 3 * 2 * (2 * 6 * 8 * 8) * 2 * 3 * 3
+
+
+def test_split_row_shares_rates_and_ceiling():
+    from benchmarks.bench_unet import split_row
+
+    split = {"kit": (9.0, 1.0, 900e9), "monai": (11.0, 2.0, 900e9)}
+    cells = [c.strip() for c in split_row("paper", split).strip("|").split("|")]
+    assert cells[0] == "paper" and cells[1] == "900.0 / 900.0"
+    assert cells[4] == "90 % / 85 %"  # convolution share of each network's operator time
+    assert cells[5] == "100 / 82"  # GFLOP/s
+    assert cells[6] == "1.22" and cells[7] == "2.00"  # MONAI / kit, convolutions and the rest
+    assert cells[8] == "1.20"  # (mean convolution 10 + MONAI's rest 2) / 10
 
 
 def test_profiler_keys_of_convolutions_are_told_from_the_rest():
