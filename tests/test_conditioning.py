@@ -123,6 +123,7 @@ def test_amp_runs_the_reconstructions_under_autocast(monkeypatch):
     cddpm = _Recorder()
     C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,))
     assert [c["autocast"] for c in cddpm.calls] == [False, False]
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)  # a CPU on which bfloat16 runs
     cddpm = _Recorder()
     grid = C.conditioning_experiment(cddpm, None, img, mask, contrasts=(1.0,), crops=(1.0,), amp="bf16")
     assert [c["autocast"] for c in cddpm.calls] == [torch.bfloat16, torch.bfloat16]
